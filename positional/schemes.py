@@ -13,6 +13,7 @@ changes the positions of earlier tokens (cached keys are already rotated with th
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,12 @@ class _Vision:
         return self.t * self.h * self.w
 
 
+def _grid_int(x: object) -> int:
+    if isinstance(x, bool):
+        raise TypeError("bool is not a grid size")
+    return operator.index(x)  # type: ignore[arg-type]
+
+
 def _parse(segments: Iterable[Segment]) -> list[_Text | _Vision]:
     parsed: list[_Text | _Vision] = []
     for index, segment in enumerate(segments):
@@ -57,9 +64,13 @@ def _parse(segments: Iterable[Segment]) -> list[_Text | _Vision]:
                 parsed.append(_Text(kind, int(value)))
         elif kind == "vision":
             try:
-                t, h, w = (int(x) for x in value)  # type: ignore[union-attr]
+                # operator.index, not int(): a float or str grid entry is malformed, not truncated
+                # (t*h*w must equal the placeholder count); ints, numpy and torch integers pass.
+                t, h, w = (_grid_int(x) for x in value)  # type: ignore[union-attr]
             except (TypeError, ValueError):
-                raise ValueError(f"segment {index}: vision grid must be (t, h, w), got {value!r}") from None
+                raise ValueError(
+                    f"segment {index}: vision grid must be (t, h, w) of ints, got {value!r}"
+                ) from None
             if min(t, h, w) <= 0:
                 raise ValueError(f"segment {index}: vision grid must be positive, got {(t, h, w)}")
             parsed.append(_Vision(t, h, w))
@@ -86,7 +97,7 @@ def _vision_block(item: _Vision, base: int, tau: float) -> np.ndarray:
 
 def _vision_extent(item: _Vision, tau: float) -> int:
     """Largest offset from the base inside an item."""
-    return max(int(math.floor(tau * (item.t - 1))), item.h - 1, item.w - 1)
+    return max(math.floor(tau * (item.t - 1)), item.h - 1, item.w - 1)
 
 
 def _text_block(start: int, n: int) -> np.ndarray:
