@@ -1,0 +1,145 @@
+"""Building the vLLM engine with speakwatch's position schemes installed.
+
+One `AsyncLLM` serves every session of a runtime. The engine core runs in its own process (vLLM
+always does this); the position scheme reaches it through the model config (``hf_overrides``) and
+our model classes through ``model_class_overrides``, which vLLM re-applies in every process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import positional
+from runtime.chat import ChatFormat
+
+log = logging.getLogger("speakwatch.engine")
+
+SUPPORTED_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a checkpoint, read from its directory alone."""
+
+    path: Path
+    architecture: str
+    hidden_size: int
+    max_position_embeddings: int
+    spatial_merge_size: int
+    patch_size: int
+    temporal_patch_size: int
+    tokens_per_second: float
+    chat: ChatFormat
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelInfo:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+        config = json.loads(config_file.read_text())
+        architecture = (config.get("architectures") or ["?"])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{path}: architecture {architecture!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        text = config.get("text_config") or config
+        vision = config.get("vision_config") or {}
+        hidden = int(text.get("hidden_size") or config["hidden_size"])
+        return cls(
+            path=path,
+            architecture=architecture,
+            hidden_size=hidden,
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+            patch_size=int(vision.get("patch_size", 14)),
+            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+            tokens_per_second=float(vision.get("tokens_per_second", 1.0)),
+            chat=ChatFormat.from_pretrained(path),
+        )
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings that matter for a speakwatch server; ``extra`` passes anything else to vLLM."""
+
+    positions: str = "group-decoupled"
+    gap: int = positional.DEFAULT_GAP
+    max_model_len: int = 8192
+    kv_cache_gb: float = 1.0
+    dtype: str = "auto"
+    max_num_seqs: int = 16
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enforce_eager: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.positions not in positional.SCHEMES:
+            raise ValueError(
+                f"unknown position scheme {self.positions!r}; choose one of {', '.join(positional.SCHEMES)}"
+            )
+        if self.max_model_len < 256:
+            raise ValueError(f"max_model_len must be at least 256, got {self.max_model_len}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+
+
+def engine_args(info: ModelInfo, options: EngineOptions):
+    """vLLM `AsyncEngineArgs` for a checkpoint with our model classes and scheme installed."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from runtime.vllm_models import MODEL_CLASS_OVERRIDES
+
+    hf_overrides = {
+        "speakwatch_positions": options.positions,
+        "speakwatch_gap": options.gap,
+        "speakwatch_assistant_header": list(info.chat.assistant_header),
+        "speakwatch_im_end": info.chat.im_end,
+    }
+    kwargs: dict[str, Any] = dict(
+        model=str(info.path),
+        tokenizer=str(info.path),
+        model_class_overrides=dict(MODEL_CLASS_OVERRIDES),
+        hf_overrides=hf_overrides,
+        enable_mm_embeds=True,
+        max_model_len=options.max_model_len,
+        kv_cache_memory_bytes=int(options.kv_cache_gb * 2**30),
+        dtype=options.dtype,
+        enforce_eager=options.enforce_eager,
+        max_num_seqs=options.max_num_seqs,
+        tensor_parallel_size=options.tensor_parallel_size,
+        pipeline_parallel_size=options.pipeline_parallel_size,
+        data_parallel_size=options.data_parallel_size,
+        limit_mm_per_prompt={"image": 16, "video": 0},
+        enable_prefix_caching=True,
+        disable_log_stats=True,
+    )
+    kwargs.update(options.extra)
+    return AsyncEngineArgs(**kwargs)
+
+
+def configure_process_environment(kv_cache_gb: float) -> None:
+    """Offline operation, and a KV budget the CPU build honours, before vLLM is imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The CPU worker sizes its KV cache from this variable (GiB); unset, it takes node memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+
+
+def build_async_llm(info: ModelInfo, options: EngineOptions):
+    """Start a vLLM `AsyncLLM` (blocking: seconds to minutes; run it off the event loop)."""
+    configure_process_environment(options.kv_cache_gb)
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    log.info("starting vLLM engine for %s (%s, positions=%s)", info.path, info.architecture, options.positions)
+    return AsyncLLM.from_engine_args(engine_args(info, options))

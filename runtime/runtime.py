@@ -1,0 +1,175 @@
+"""`Runtime`: one vLLM engine and one vision encoder shared by many watching sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from runtime.engine import EngineOptions, ModelInfo, build_async_llm
+from runtime.errors import EngineUnavailable
+from runtime.session import SCHEDULES, Schedule, Session
+
+log = logging.getLogger("speakwatch.runtime")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Session behaviour shared by every session of a runtime (defaults suit the tiny model on CPU)."""
+
+    turn_tokens: int = 8  # K: answer tokens per turn; frames are inserted between turns
+    max_output_tokens: int = 256
+    max_fps: float = 2.0
+    frame_queue: int = 8  # unencoded frames per session before the oldest are dropped
+    ready_chunks: int = 16  # encoded items waiting for the model before the oldest are dropped
+    max_chunks_per_turn: int = 4
+    frames_per_chunk: int = 1  # 2 packs two frames into one temporal patch
+    pixel_budget: int | None = None  # resize frames to at most this many pixels (model's default)
+    temperature: float = 0.0
+    encoder_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.turn_tokens < 1:
+            raise ValueError("turn_tokens must be >= 1")
+        if self.max_output_tokens < 1:
+            raise ValueError("max_output_tokens must be >= 1")
+        if self.max_fps <= 0:
+            raise ValueError("max_fps must be positive")
+
+
+class Runtime:
+    """The embedded SDK entry point.
+
+    ``async with Runtime() as rt:`` starts the engine (the built-in tiny model when no ``model``
+    is given); ``rt.open_session()`` gives a `Session`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        arch: str = "qwen2-vl",
+        positions: str = "group-decoupled",
+        schedule: Schedule = "parallel",
+        engine_options: EngineOptions | dict[str, Any] | None = None,
+        settings: RuntimeSettings | None = None,
+        **setting_overrides: Any,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if isinstance(engine_options, dict):
+            engine_options = EngineOptions(**{"positions": positions, **engine_options})
+        self.options = engine_options or EngineOptions(positions=positions)
+        if engine_options is not None and positions != "group-decoupled" and self.options.positions != positions:
+            self.options = replace(self.options, positions=positions)
+        self.settings = replace(settings or RuntimeSettings(), **setting_overrides)
+        self.model_path = Path(model) if model is not None else None
+        self.arch = arch
+        self.schedule: Schedule = schedule
+        self.engine = None
+        self.encoder = None
+        self.info: ModelInfo | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speakwatch-perception")
+        self.sessions: dict[str, Session] = {}
+        self.ready = False
+        self.started_at: float | None = None
+        self._sampling_cache: dict[int, Any] = {}
+
+    @property
+    def positions(self) -> str:
+        return self.options.positions
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.name if self.model_path else f"speakwatch-tiny-{self.arch}"
+
+    async def start(self) -> None:
+        """Load the model (off the event loop); returns when sessions can be opened."""
+        if self.ready:
+            return
+        started = time.monotonic()
+        if self.model_path is None:
+            from runtime.tiny_model import default_tiny_model
+
+            log.info("preparing the built-in tiny %s checkpoint", self.arch)
+            self.model_path = await asyncio.to_thread(default_tiny_model, self.arch)
+        self.info = await asyncio.to_thread(ModelInfo.load, self.model_path)
+        log.info("loading the vision encoder from %s", self.model_path)
+        from runtime.perception import VisionEncoder
+
+        self.encoder = await asyncio.to_thread(
+            VisionEncoder, self.info, pixel_budget=self.settings.pixel_budget, threads=self.settings.encoder_threads
+        )
+        log.info("starting the vLLM engine (this takes a while on CPU)")
+        self.engine = await asyncio.to_thread(build_async_llm, self.info, self.options)
+        self.ready = True
+        self.started_at = time.monotonic()
+        log.info("engine ready in %.1f s", self.started_at - started)
+
+    async def close(self) -> None:
+        for session in list(self.sessions.values()):
+            await session.close()
+        self.ready = False
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.shutdown)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def open_session(
+        self, instructions: str | None = None, schedule: Schedule | None = None, *, max_fps: float | None = None
+    ) -> Session:
+        """A new session on this runtime's engine (call from the event loop)."""
+        if not self.ready:
+            raise EngineUnavailable("the engine is not running; await runtime.start() first")
+        session = Session(self, instructions=instructions, schedule=schedule or self.schedule, max_fps=max_fps)
+        self.sessions[session.id] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+
+    def sampling_params(self, max_tokens: int):
+        params = self._sampling_cache.get(max_tokens)
+        if params is None:
+            from vllm import SamplingParams
+            from vllm.sampling_params import RequestOutputKind
+
+            assert self.info is not None
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=self.settings.temperature,
+                stop_token_ids=[self.info.chat.im_end],
+                output_kind=RequestOutputKind.DELTA,
+                skip_special_tokens=True,
+            )
+            self._sampling_cache[max_tokens] = params
+        return params
+
+    def stats(self) -> dict:
+        sessions = [s.stats() for s in self.sessions.values()]
+        return {
+            "ready": self.ready,
+            "model": self.model_name,
+            "positions": self.positions,
+            "sessions": len(sessions),
+            "kv_tokens": sum(s["session_tokens"] for s in sessions),
+            "rollovers": sum(s["rollovers"] for s in sessions),
+            "frames_received": sum(s["frames_received"] for s in sessions),
+            "frames_ingested": sum(s["frames_ingested"] for s in sessions),
+            "frames_dropped": sum(s["frames_dropped"] for s in sessions),
+        }
+
+
+__all__ = ["Runtime", "RuntimeSettings"]

@@ -1,0 +1,564 @@
+"""Sessions that watch while they answer: one long-lived vLLM streaming request per session.
+
+vLLM appends streamed chunks to one request between *turns* (a turn ends at EOS or max_tokens)
+and drops the last sampled token of every turn (it has no KV yet). So the scheduler answers in
+turns of K tokens, and between turns it sends the next chunk: under ``parallel`` that chunk holds
+the visual items that became ready meanwhile, followed by the re-fed last answer token, so one
+forward pass both ingests the frames and decodes the next token. Under ``sequential`` frames wait
+until the answer is over. Idle sessions ingest frames as they come (frame-only chunks whose one
+sampled token is ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from runtime.errors import ResponseActive, SessionClosed
+from runtime.perception import Perception, VisualChunk, check_frame
+from streams.frame import Frame
+
+if TYPE_CHECKING:
+    from runtime.runtime import Runtime
+
+log = logging.getLogger("speakwatch.session")
+
+Schedule = Literal["parallel", "sequential"]
+SCHEDULES = ("parallel", "sequential")
+ResponseStatus = Literal["in_progress", "completed", "cancelled", "incomplete", "failed"]
+_END = object()
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
+
+
+class Response:
+    """One answer: an async iterator of text deltas; ``status`` and ``usage`` are final once it ends."""
+
+    def __init__(self, response_id: str, max_tokens: int):
+        self.id = response_id
+        self.max_tokens = max_tokens
+        self.status: ResponseStatus = "in_progress"
+        self.error: str | None = None
+        self.usage: dict[str, int] = {"input_tokens": 0, "output_tokens": 0}
+        self.text = ""
+        self.asked_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.frames_during = 0
+        self.cancel_requested = False
+        self._deltas: asyncio.Queue = asyncio.Queue()
+        self._done = asyncio.Event()
+
+    # producer side (the session scheduler) --------------------------------------------------
+    def _emit(self, delta: str) -> None:
+        if delta and not self.cancel_requested:
+            self.text += delta
+            self._deltas.put_nowait(delta)
+
+    def _finish(self, status: ResponseStatus, error: str | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.status = status
+        self.error = error
+        self.finished_at = time.monotonic()
+        self._deltas.put_nowait(_END)
+        self._done.set()
+
+    # consumer side ------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> ResponseStatus:
+        await self._done.wait()
+        return self.status
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._deltas.get()
+            if item is _END:
+                if self.status == "failed":
+                    raise RuntimeError(f"response failed: {self.error}")
+                return
+            yield item
+
+    async def read(self) -> str:
+        """The whole answer text (waits for the end)."""
+        async for _ in self:
+            pass
+        return self.text
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.asked_at) * 1000
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        n = self.usage["output_tokens"]
+        if self.first_token_at is None or self.finished_at is None or n < 2:
+            return None
+        span = self.finished_at - self.first_token_at
+        return (n - 1) / span if span > 0 else None
+
+
+@dataclass
+class _Question:
+    response: Response
+    text: str
+    images: list[VisualChunk]
+    instructions: str | None
+
+
+@dataclass
+class _Turn:
+    """A chunk sent to vLLM and what came back for it."""
+
+    kind: Literal["frames", "answer"]
+    max_tokens: int
+    chunks: list[VisualChunk]
+    prompt_tokens: int
+    submitted_at: float
+    received: int = 0
+    last_token: int | None = None
+    stopped: bool = False
+    first_output_at: float | None = None
+
+
+@dataclass
+class SessionCounters:
+    frames_received: int = 0
+    frames_ingested: int = 0
+    frames_dropped_rate: int = 0
+    frames_dropped_backlog: int = 0
+    frames_rejected: int = 0
+    turns: int = 0
+    requests_started: int = 0
+    rollovers: int = 0
+    lags_ms: deque = field(default_factory=lambda: deque(maxlen=512))
+
+
+class Session:
+    """A conversation with a model that keeps watching (see the module docstring)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        instructions: str | None = None,
+        schedule: Schedule = "parallel",
+        max_fps: float | None = None,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.runtime = runtime
+        self.id = "sess_" + uuid.uuid4().hex[:16]
+        self.schedule: Schedule = schedule
+        self.instructions = instructions
+        self.max_fps = runtime.settings.max_fps if max_fps is None else max_fps
+        self.chat = runtime.info.chat
+        self.counters = SessionCounters()
+        self._ready: deque[VisualChunk] = deque()
+        self._questions: deque[_Question] = deque()
+        self._response: Response | None = None
+        self._last_response: Response | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._last_frame_ts: float | None = None
+        self._frame_clock = itertools.count()
+        self._carry: list[int] = self.chat.turn("system", instructions) if instructions else []
+        self._request_id: str | None = None
+        self._inputs: asyncio.Queue | None = None
+        self._outputs: asyncio.Queue | None = None
+        self._consumer: asyncio.Task | None = None
+        self.request_tokens = 0
+        self.perception = Perception(
+            runtime.encoder,
+            runtime.executor,
+            self._on_chunks,
+            queue_size=runtime.settings.frame_queue,
+            frames_per_chunk=runtime.settings.frames_per_chunk,
+        )
+        self.perception.start()
+        self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"speakwatch-{self.id}")
+
+    # public API -------------------------------------------------------------------------------
+    async def push_frame(self, frame: object, timestamp: float | None = None) -> bool:
+        """Hand one camera frame to the session; returns False if the fps cap dropped it."""
+        if self._closed:
+            raise SessionClosed(f"session {self.id} is closed")
+        try:
+            rgb = check_frame(frame)
+        except ValueError:
+            self.counters.frames_rejected += 1
+            raise
+        now = time.monotonic()
+        ts = float(timestamp) if timestamp is not None else now
+        self.counters.frames_received += 1
+        if self.max_fps and self._last_frame_ts is not None and ts - self._last_frame_ts < 1.0 / self.max_fps:
+            self.counters.frames_dropped_rate += 1
+            return False
+        self._last_frame_ts = ts
+        self.perception.submit(Frame(rgb=rgb, timestamp=ts, arrival=now, index=next(self._frame_clock)))
+        return True
+
+    def ask(
+        self,
+        text: str,
+        max_tokens: int | None = None,
+        *,
+        images: Sequence[object] = (),
+        instructions: str | None = None,
+    ) -> Response:
+        """Ask a question; the answer streams while the session keeps watching.
+
+        Raises `ResponseActive` if the previous answer has not ended (cancel it first).
+        """
+        if self._closed:
+            raise SessionClosed(f"session {self.id} is closed")
+        if not isinstance(text, str):
+            raise ValueError("text must be a string")
+        if self._response is not None or self._questions:
+            raise ResponseActive("the session is still answering; cancel it or wait for response.done")
+        limit = self.runtime.settings.max_output_tokens
+        if max_tokens is None:
+            max_tokens = limit
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
+            raise ValueError(f"max_tokens must be an int in 1..{limit}, got {max_tokens!r}")
+        rgb_images = [check_frame(image) for image in images]
+        response = Response("resp_" + uuid.uuid4().hex[:16], max_tokens)
+        self._response = response
+        question = _Question(response, text, [], instructions)
+        if rgb_images:
+            asyncio.get_running_loop().create_task(self._encode_images(question, rgb_images))
+        else:
+            self._questions.append(question)
+            self._wake.set()
+        return response
+
+    async def cancel(self) -> None:
+        """Stop the current answer (it ends with status ``cancelled``); no-op when idle."""
+        response = self._response
+        if response is None:
+            return
+        response.cancel_requested = True
+        if any(q.response is response for q in self._questions):
+            self._questions = deque(q for q in self._questions if q.response is not response)
+            self._end_response("cancelled")
+        self._wake.set()
+        await response.wait()
+
+    def update(
+        self, *, instructions: str | None = None, max_fps: float | None = None, schedule: str | None = None
+    ) -> None:
+        if schedule is not None:
+            if schedule not in SCHEDULES:
+                raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+            self.schedule = schedule  # type: ignore[assignment]
+        if max_fps is not None:
+            if max_fps <= 0:
+                raise ValueError("max_fps must be positive")
+            self.max_fps = max_fps
+        if instructions is not None and instructions != self.instructions:
+            self.instructions = instructions
+            self._carry.extend(self.chat.turn("system", instructions))
+
+    def stats(self) -> dict:
+        c = self.counters
+        last = self._last_response
+        lags = list(c.lags_ms)
+        return {
+            "session_id": self.id,
+            "schedule": self.schedule,
+            "positions": self.runtime.positions,
+            "frames_received": c.frames_received,
+            "frames_ingested": c.frames_ingested,
+            "frames_dropped": c.frames_dropped_rate + self.perception.stats.dropped + c.frames_dropped_backlog,
+            "frames_dropped_by_reason": {
+                "rate": c.frames_dropped_rate,
+                "perception_backlog": self.perception.stats.dropped,
+                "chunk_backlog": c.frames_dropped_backlog,
+            },
+            "frames_rejected": c.frames_rejected,
+            "frames_pending": self.perception.pending + sum(len(ch.indices) for ch in self._ready),
+            "frame_lag_p50_ms": percentile(lags, 50),
+            "frame_lag_p95_ms": percentile(lags, 95),
+            "ttft_ms": last.ttft_ms if last else None,
+            "tokens_per_s": last.tokens_per_s if last else None,
+            "frames_during_answer": last.frames_during if last else 0,
+            "last_response_status": last.status if last else None,
+            "session_tokens": self.request_tokens,
+            "turns": c.turns,
+            "requests_started": c.requests_started,
+            "rollovers": c.rollovers,
+            "answering": self._response is not None,
+        }
+
+    async def close(self) -> None:
+        """End the session: cancel any answer, abort the vLLM request, free its KV."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._response is not None:
+            self._end_response("cancelled")
+        self._wake.set()
+        await self.perception.close()
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+        await self._end_request()
+        self.runtime._forget(self)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # perception side -----------------------------------------------------------------------------
+    def _on_chunks(self, chunks: list[VisualChunk]) -> None:
+        self._ready.extend(chunks)
+        limit = self.runtime.settings.ready_chunks
+        while len(self._ready) > limit:
+            dropped = self._ready.popleft()
+            self.counters.frames_dropped_backlog += len(dropped.indices)
+        self._wake.set()
+
+    async def _encode_images(self, question: _Question, images: list[np.ndarray]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self.runtime.executor, self.runtime.encoder.encode, [[img] for img in images]
+            )
+        except Exception as exc:  # a broken image must not kill the session
+            question.response.error = str(exc)
+            self._end_response("failed", f"image could not be encoded: {exc}")
+            return
+        now = time.monotonic()
+        question.images = [
+            VisualChunk(embeds, grid, self.runtime.encoder.merge, (0.0,), (now,), (-1,), now)
+            for embeds, grid in results
+        ]
+        if question.response.done:
+            return
+        self._questions.append(question)
+        self._wake.set()
+
+    # the scheduler -------------------------------------------------------------------------------
+    async def _drive(self) -> None:
+        try:
+            while not self._closed:
+                turn_plan = self._plan_turn()
+                if turn_plan is None:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                await self._run_turn(*turn_plan)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # keep the session usable: fail the answer, restart the request
+            log.exception("session %s scheduler error", self.id)
+            self._end_response("failed", str(exc))
+            await self._end_request()
+            if not self._closed:
+                self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"speakwatch-{self.id}")
+
+    def _take_ready(self) -> list[VisualChunk]:
+        limit = self.runtime.settings.max_chunks_per_turn
+        taken = []
+        while self._ready and len(taken) < limit:
+            taken.append(self._ready.popleft())
+        return taken
+
+    def _plan_turn(self) -> tuple[str, list[int], list[VisualChunk], int] | None:
+        """Decide the next chunk: (kind, token ids, visual items in order of their blocks, max_tokens)."""
+        response = self._response
+        turn_tokens = self.runtime.settings.turn_tokens
+        if response is not None and self._pending_token is not None and response.cancel_requested:
+            self._carry = [*self._carry, self._pending_token, *self.chat.close_assistant()]
+            self._pending_token = None
+            self._end_response("cancelled")
+            response = None
+        if response is not None and self._pending_token is not None:
+            # mid-answer: the re-fed last token goes after any new frames
+            visual = self._take_ready() if self.schedule == "parallel" else []
+            ids = [*self._carry, *self._vision_ids(visual), self._pending_token]
+            remaining = response.max_tokens - response.usage["output_tokens"]
+            return "answer", ids, visual, min(turn_tokens, remaining)
+        if self._questions:
+            question = self._questions.popleft()
+            visual = self._take_ready()
+            ids = [*self._carry, *self._vision_ids(visual)]
+            if question.instructions:
+                ids += self.chat.turn("system", question.instructions)
+            ids += self.chat.user_turn_open()
+            ids += self._vision_ids(question.images)
+            ids += self.chat.user_turn_close(question.text)
+            ids += self.chat.assistant_header
+            response = question.response
+            response.usage["input_tokens"] = len(ids)
+            return "answer", ids, [*visual, *question.images], min(turn_tokens, response.max_tokens)
+        if self._ready and response is None:
+            visual = self._take_ready()
+            return "frames", [*self._carry, *self._vision_ids(visual)], visual, 1
+        return None
+
+    _pending_token: int | None = None
+
+    def _vision_ids(self, chunks: Sequence[VisualChunk]) -> list[int]:
+        ids: list[int] = []
+        for chunk in chunks:
+            ids += self.chat.vision_block(chunk.n_tokens)
+        return ids
+
+    async def _run_turn(self, kind: str, ids: list[int], visual: list[VisualChunk], max_tokens: int) -> None:
+        import torch
+        from vllm.engine.protocol import StreamingInput
+
+        await self._ensure_request()
+        prompt: dict = {"prompt_token_ids": ids}
+        if visual:
+            prompt["multi_modal_data"] = {
+                "image": {
+                    "image_embeds": torch.cat([c.embeds for c in visual]),
+                    "image_grid_thw": torch.tensor([c.grid for c in visual], dtype=torch.long),
+                }
+            }
+        turn = _Turn(kind, max_tokens, visual, len(ids), time.monotonic())
+        self._carry = []
+        self._pending_token = None
+        assert self._inputs is not None and self._outputs is not None
+        self._inputs.put_nowait(StreamingInput(prompt, self.runtime.sampling_params(max_tokens)))
+        self.request_tokens += len(ids)
+        self.counters.turns += 1
+        response = self._response if kind == "answer" else None
+        while True:
+            out = await self._outputs.get()
+            if out is None or isinstance(out, BaseException):
+                raise RuntimeError(f"vLLM request ended unexpectedly: {out!r}")
+            if turn.first_output_at is None:
+                turn.first_output_at = time.monotonic()
+                self._ingested(turn, response)
+            completion = out.outputs[0]
+            new_ids = list(completion.token_ids)
+            turn.received += len(new_ids)
+            if new_ids:
+                turn.last_token = new_ids[-1]
+            if response is not None and new_ids:
+                if response.first_token_at is None:
+                    response.first_token_at = time.monotonic()
+                stop = self.chat.im_end in new_ids
+                counted = new_ids[: new_ids.index(self.chat.im_end)] if stop else new_ids
+                response.usage["output_tokens"] += len(counted)
+                response._emit(completion.text)
+                turn.stopped = turn.stopped or stop
+            if turn.stopped or turn.received >= max_tokens or completion.finish_reason is not None:
+                break
+        # every sampled token but the last is in KV now
+        self.request_tokens += max(0, turn.received - 1)
+        if response is not None:
+            self._after_answer_turn(response, turn)
+
+    def _ingested(self, turn: _Turn, response: Response | None) -> None:
+        now = time.monotonic()
+        for chunk in turn.chunks:
+            if chunk.indices == (-1,):
+                continue  # an image attached to a question, not a camera frame
+            self.counters.frames_ingested += len(chunk.indices)
+            for arrival in chunk.arrivals:
+                self.counters.lags_ms.append((now - arrival) * 1000)
+            if response is not None and response.first_token_at is not None:
+                response.frames_during += len(chunk.indices)
+
+    def _after_answer_turn(self, response: Response, turn: _Turn) -> None:
+        if turn.stopped:
+            self._carry = self.chat.close_assistant()  # the sampled <|im_end|> has no KV: re-feed it
+            self._end_response("cancelled" if response.cancel_requested else "completed")
+        elif response.cancel_requested:
+            self._carry = [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            self._end_response("cancelled")
+        elif response.usage["output_tokens"] >= response.max_tokens:
+            self._carry = [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            self._end_response("incomplete")
+        else:
+            self._pending_token = turn.last_token
+
+    def _end_response(self, status: ResponseStatus, error: str | None = None) -> None:
+        response = self._response
+        if response is None:
+            return
+        self._response = None
+        self._last_response = response
+        response._finish(status, error)
+
+    # the vLLM request ------------------------------------------------------------------------------
+    async def _ensure_request(self) -> None:
+        if self._consumer is not None and not self._consumer.done():
+            return
+        self._request_id = f"{self.id}-{self.counters.requests_started}"
+        self.counters.requests_started += 1
+        self._inputs = asyncio.Queue()
+        self._outputs = asyncio.Queue()
+        self.request_tokens = 0
+        self._consumer = asyncio.get_running_loop().create_task(
+            self._consume(self._request_id, self._inputs, self._outputs), name=f"speakwatch-vllm-{self.id}"
+        )
+
+    async def _consume(self, request_id: str, inputs: asyncio.Queue, outputs: asyncio.Queue) -> None:
+        async def stream():
+            while True:
+                item = await inputs.get()
+                if item is None:
+                    return
+                yield item
+
+        try:
+            async for out in self.runtime.engine.generate(
+                stream(), self.runtime.sampling_params(1), request_id=request_id
+            ):
+                outputs.put_nowait(out)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outputs.put_nowait(exc)
+        finally:
+            outputs.put_nowait(None)
+
+    async def _end_request(self) -> None:
+        """Finish the live vLLM request and free its KV."""
+        consumer, request_id = self._consumer, self._request_id
+        self._consumer = None
+        self._pending_token = None
+        if consumer is None:
+            return
+        if self._inputs is not None:
+            self._inputs.put_nowait(None)
+        consumer.cancel()
+        try:
+            await consumer
+        except (asyncio.CancelledError, Exception):
+            pass
+        if request_id is not None:
+            try:
+                await self.runtime.engine.abort(request_id)
+            except Exception:  # engine already gone
+                log.debug("abort of %s failed", request_id, exc_info=True)
