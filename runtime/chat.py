@@ -76,4 +76,9 @@ class ChatFormat:
         return [self.im_end, *self.newline]
 
     def vision_block(self, n_tokens: int) -> list[int]:
+        """A visual item as the model sees it: n_tokens placeholders between the vision markers."""
         return [self.vision_start, *([self.image_pad] * n_tokens), self.vision_end]
+
+    def vision_prompt(self) -> list[int]:
+        """A visual item as vLLM takes it in a prompt: one placeholder, which vLLM expands itself."""
+        return [self.vision_start, self.image_pad, self.vision_end]

@@ -415,7 +415,7 @@ class Session:
             ids += self.chat.user_turn_close(question.text)
             ids += self.chat.assistant_header
             response = question.response
-            response.usage["input_tokens"] = len(ids)
+            response.usage["input_tokens"] = len(ids) + sum(c.n_tokens - 1 for c in [*visual, *question.images])
             return "answer", ids, [*visual, *question.images], min(turn_tokens, response.max_tokens)
         if self._ready and response is None:
             visual = self._take_ready()
@@ -425,10 +425,8 @@ class Session:
     _pending_token: int | None = None
 
     def _vision_ids(self, chunks: Sequence[VisualChunk]) -> list[int]:
-        ids: list[int] = []
-        for chunk in chunks:
-            ids += self.chat.vision_block(chunk.n_tokens)
-        return ids
+        """Prompt ids of visual items: one placeholder each (vLLM expands it to the item's tokens)."""
+        return [token for _ in chunks for token in self.chat.vision_prompt()]
 
     async def _run_turn(self, kind: str, ids: list[int], visual: list[VisualChunk], max_tokens: int) -> None:
         import torch
@@ -443,12 +441,13 @@ class Session:
                     "image_grid_thw": torch.tensor([c.grid for c in visual], dtype=torch.long),
                 }
             }
-        turn = _Turn(kind, max_tokens, visual, len(ids), time.monotonic())
+        expanded = len(ids) + sum(chunk.n_tokens - 1 for chunk in visual)
+        turn = _Turn(kind, max_tokens, visual, expanded, time.monotonic())
         self._carry = []
         self._pending_token = None
         assert self._inputs is not None and self._outputs is not None
         self._inputs.put_nowait(StreamingInput(prompt, self.runtime.sampling_params(max_tokens)))
-        self.request_tokens += len(ids)
+        self.request_tokens += expanded
         self.counters.turns += 1
         response = self._response if kind == "answer" else None
         while True:

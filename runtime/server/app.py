@@ -47,6 +47,7 @@ class ServerConfig:
     ws_heartbeat: float | None = 30.0  # ping interval that finds vanished clients
     stats_interval: float = 1.0  # input_video.stats period while frames flow
     max_pending_images: int = 16
+    max_calls_per_session: int = 2  # WebRTC calls feeding one session's video at once
     media_timeout: float = 10.0  # a WebRTC track silent this long ends
     cancel_timeout: float = 5.0
     static_dir: Path | None = None  # None: the package's client/web/
@@ -60,8 +61,11 @@ class ServerConfig:
         if self.ws_max_msg_size <= self.limits.max_message_bytes:
             raise ValueError("ws_max_msg_size must exceed limits.max_message_bytes")
 
-    def connection_options(self) -> ConnectionOptions:
+    def connection_options(self, max_output_tokens: int | None = None) -> ConnectionOptions:
+        """What every connection gets; ``max_output_tokens`` is the runtime's own cap, if lower."""
         limits = replace(self.limits, max_video_fps=self.max_fps)
+        if max_output_tokens is not None and max_output_tokens < limits.max_output_tokens:
+            limits = replace(limits, max_output_tokens=max_output_tokens)
         video = {**DEFAULT_VIDEO, "max_fps": min(self.default_fps, self.max_fps)}
         return ConnectionOptions(
             limits=limits,
@@ -78,7 +82,7 @@ class RealtimeServer:
     def __init__(self, runtime: Any, config: ServerConfig) -> None:
         self.runtime = runtime
         self.config = config
-        self.options = config.connection_options()
+        self.options = config.connection_options(_runtime_max_output_tokens(runtime))
         self.metrics = ServerMetrics(runtime)
         self.connections: dict[str, RealtimeConnection] = {}
         self.calls: dict[str, Call] = {}
@@ -154,6 +158,7 @@ class RealtimeServer:
         if len(self.connections) >= self.config.max_sessions:
             return None
         session = self.runtime.open_session()
+        session.update(max_fps=self.options.defaults.video["max_fps"])  # the session samples at our rate
         conn = RealtimeConnection(
             session,
             sink,
@@ -177,6 +182,17 @@ class RealtimeServer:
 
 
 SERVER = web.AppKey("speakwatch.server", RealtimeServer)
+
+
+def _runtime_max_output_tokens(runtime: Any) -> int | None:
+    """The longest answer the runtime accepts (``Session.ask`` rejects more), if it says."""
+    for value in (
+        getattr(runtime, "max_output_tokens", None),
+        getattr(getattr(runtime, "settings", None), "max_output_tokens", None),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +343,9 @@ def create_app(runtime: Any, config: ServerConfig | None = None) -> web.Applicat
         attached = server.connections.get(session_id) if session_id else None
         if session_id and attached is None:
             return _error(404, "session_not_found", f"no open session {session_id!r}")
+        if attached is not None and len(attached.closers) >= config.max_calls_per_session:
+            message = f"session {session_id!r} already has {config.max_calls_per_session} calls"
+            return _error(429, "too_many_calls", message)
         fps = attached.max_fps if attached is not None else server.options.defaults.video["max_fps"]
         peer = WebRTCPeer(fps=fps, media_timeout=config.media_timeout)
         try:

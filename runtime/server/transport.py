@@ -266,7 +266,6 @@ class RealtimeConnection:
             "sampled": 0,
             "dropped": {},
             "ingested": 0,
-            "session_dropped": 0,
             "rollovers": 0,
         }
         self._last_report: tuple[int, int, int] | None = None
@@ -303,9 +302,9 @@ class RealtimeConnection:
             return
         try:
             await self.session.push_frame(frame.rgb, frame.timestamp)
-        except ValueError as exc:
-            logger.debug("session %s rejected a WebRTC frame: %s", self.id, exc)
-            self.metrics.frames_dropped.labels("invalid").inc()
+        except Exception as exc:  # a bad frame, or the session closing under us: never end the call
+            logger.debug("session %s did not take a WebRTC frame: %s", self.id, exc)
+            self.metrics.frames_dropped.labels("error").inc()
             return
         self.metrics.frame_lag.observe(max(0.0, time.monotonic() - frame.arrival))
 
@@ -489,10 +488,10 @@ class RealtimeConnection:
         active = self._active
         if active is None or active.id != response_id:
             return
-        try:
-            await self.session.cancel()
-        except Exception:
-            logger.exception("session %s: cancel failed", self.id)
+        try:  # the session waits until the answer has really stopped; a hung engine must not block us
+            await asyncio.wait_for(self.session.cancel(), self.options.cancel_timeout)
+        except Exception as exc:
+            logger.warning("session %s: cancel did not complete (%r); dropping the answer", self.id, exc)
             if active.task is not None:
                 active.task.cancel()
 
@@ -530,9 +529,13 @@ class RealtimeConnection:
             logger.exception("session %s: stats() failed", self.id)
             session = {}
         ingested = int(session.get("frames_ingested", 0) or 0)
-        session_dropped = int(session.get("frames_dropped", 0) or 0)
-        if session_dropped:
-            dropped["session"] = session_dropped
+        by_reason = session.get("frames_dropped_by_reason")
+        if isinstance(by_reason, dict):  # the session's own drops, told apart from the transport's
+            for reason, n in by_reason.items():
+                if n:
+                    dropped[f"session_{reason}"] = int(n)
+        elif session.get("frames_dropped"):
+            dropped["session"] = int(session["frames_dropped"])
         rollovers = int(session.get("rollovers", 0) or 0)
         self._count(received, sampled, dropped, ingested, rollovers)
         now = time.monotonic()

@@ -1,0 +1,260 @@
+"""The ``speakwatch`` command: ``serve``, ``make-tiny-model`` and ``chat``.
+
+Every ``serve`` option can also come from the environment as ``SPEAKWATCH_<OPTION>`` (``--api-key`` is
+``SPEAKWATCH_API_KEY``, ``--max-model-len`` is ``SPEAKWATCH_MAX_MODEL_LEN``); the command line wins.
+The server listens before the engine has loaded (``/health`` answers 503 meanwhile), reports the load
+as it goes and prints the URL once sessions can be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+ENV_PREFIX = "SPEAKWATCH_"
+ARCHES = ("qwen2-vl", "qwen2.5-vl")
+SCHEDULES = ("parallel", "sequential")
+PROGRESS_EVERY = 10.0  # seconds between "still loading" lines
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text}")
+    return value
+
+
+class _EnvDefaults:
+    """Adds options whose default comes from ``SPEAKWATCH_<OPTION>`` (validated like the flag itself)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.errors: list[str] = []
+
+    def add(self, flag: str, *, default: Any = None, type: Any = str, help: str, **kwargs: Any) -> None:
+        env = _env_name(flag)
+        raw = os.environ.get(env)
+        value = default
+        if raw not in (None, ""):
+            try:
+                value = type(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                self.errors.append(f"{env}={raw!r}: {exc}")
+            choices = kwargs.get("choices")
+            if choices is not None and value not in choices:
+                self.errors.append(f"{env}={raw!r}: choose from {', '.join(map(str, choices))}")
+        shown = "" if default is None else f"; default {default}"
+        self.parser.add_argument(flag, default=value, type=type, help=f"{help} (env {env}{shown})", **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import positional
+
+    parser = argparse.ArgumentParser(
+        prog="speakwatch", description="A self-hosted vision-language model that watches a video stream live."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the realtime server (WebSocket, WebRTC, demo page)")
+    opt = _EnvDefaults(serve)
+    opt.add(
+        "--model", metavar="PATH", help="local Qwen2-VL / Qwen2.5-VL checkpoint; default: built-in tiny model"
+    )
+    opt.add("--arch", choices=ARCHES, default="qwen2-vl", help="architecture of the built-in tiny model")
+    opt.add("--host", default="127.0.0.1", help="address to bind")
+    opt.add("--port", type=_port, default=8000, help="TCP port (0 picks a free one)")
+    opt.add("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    opt.add(
+        "--positions", choices=tuple(positional.SCHEMES), default="group-decoupled", help="position scheme"
+    )
+    opt.add("--schedule", choices=SCHEDULES, default="parallel", help="default schedule of new sessions")
+    opt.add("--max-sessions", type=_positive(int), default=16, help="realtime sessions at once")
+    opt.add(
+        "--max-fps", type=_positive(float), help="frames per second a session accepts; faster ones dropped"
+    )
+    opt.add("--max-model-len", type=_positive(int), help="vLLM context length")
+    opt.add("--kv-cache-gb", type=_positive(float), help="KV cache size in GiB")
+    opt.add("--tensor-parallel-size", type=_positive(int), help="vLLM tensor parallel size")
+    opt.add("--pipeline-parallel-size", type=_positive(int), help="vLLM pipeline parallel size")
+    opt.add("--data-parallel-size", type=_positive(int), help="vLLM data parallel size")
+    opt.add(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log verbosity"
+    )
+    serve.set_defaults(env_errors=opt.errors)
+
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demos)")
+    tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument("--arch", choices=ARCHES, default="qwen2-vl")
+    tiny.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser(
+        "chat", help="terminal chat with a running server (speakwatch chat --help)", add_help=False
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``speakwatch`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "chat":  # its own parser: every argument after "chat" is the chat client's
+        from client import chat
+
+        return chat.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "make-tiny-model":
+        return make_tiny_model(args)
+    if args.env_errors:
+        parser.error("; ".join(args.env_errors))
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def make_tiny_model(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from runtime.tiny_model import make_tiny_model as make
+
+    out = out or sys.stdout
+
+    print(f"writing a tiny {args.arch} checkpoint to {args.directory} ...", file=out, flush=True)
+    path = make(args.directory, arch=args.arch, seed=args.seed)
+    print(f"done: {path}", file=out, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``Runtime(**...)`` from the serve options: engine options only when given (the engine's
+    defaults otherwise); vLLM runs one request per session, so ``max_num_seqs`` follows the limit."""
+    engine: dict[str, Any] = {
+        "max_model_len": args.max_model_len,
+        "kv_cache_gb": args.kv_cache_gb,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "data_parallel_size": args.data_parallel_size,
+        "max_num_seqs": args.max_sessions,
+    }
+    kwargs: dict[str, Any] = {
+        "arch": args.arch,
+        "positions": args.positions,
+        "schedule": args.schedule,
+        "engine_options": {k: v for k, v in engine.items() if v is not None},
+    }
+    if args.max_fps is not None:
+        kwargs["max_fps"] = args.max_fps
+    return kwargs
+
+
+def server_config(args: argparse.Namespace) -> Any:
+    from runtime.server.app import ServerConfig
+
+    fps: dict[str, float] = {}
+    if args.max_fps is not None:  # the cap, and the rate new sessions start with
+        fps = {"max_fps": args.max_fps, "default_fps": args.max_fps}
+    return ServerConfig(api_key=args.api_key or None, max_sessions=args.max_sessions, **fps)
+
+
+def _say(message: str) -> None:
+    print(f"speakwatch: {message}", file=sys.stderr, flush=True)
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    """Listen at once, load the engine in the background, run until SIGINT/SIGTERM (or ``stop``)."""
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from aiohttp import web
+
+    from runtime import Runtime
+    from runtime.server.app import SERVER, create_app
+
+    runtime = Runtime(args.model, **runtime_kwargs(args))
+    app = create_app(runtime, server_config(args))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10.0)
+    await runner.setup()  # startup: the engine begins loading in the background
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        _say(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        await runner.cleanup()
+        return 1
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    model = args.model or f"the built-in tiny {args.arch} model (random weights: its answers are noise)"
+    _say(f"listening on {url} (/health answers 503 until the engine is ready)")
+    _say(f"loading {model}; positions {args.positions}, schedule {args.schedule}")
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    server = app[SERVER]
+    status = 0
+    try:
+        started = time.monotonic()
+        waiting = asyncio.create_task(server.wait_ready())
+        stopping = asyncio.create_task(stop.wait())
+        while not stop.is_set() and not waiting.done():
+            await asyncio.wait(
+                {waiting, stopping}, timeout=PROGRESS_EVERY, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not waiting.done() and not stop.is_set():
+                _say(f"still loading the engine ({time.monotonic() - started:.0f} s) ...")
+        if waiting.done():
+            if server.ready:
+                _say(f"ready in {time.monotonic() - started:.1f} s: open {url}/")
+                _say(
+                    f"realtime API: ws://{url.removeprefix('http://')}/v1/realtime; metrics at {url}/metrics"
+                )
+                await stopping
+            else:
+                _say(f"the engine failed to start: {server.startup_error}")
+                status = 1
+        waiting.cancel()
+        stopping.cancel()
+    finally:
+        _say("shutting down ...")
+        await runner.cleanup()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        _say("stopped")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

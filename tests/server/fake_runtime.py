@@ -1,0 +1,242 @@
+"""A stand-in for ``runtime.Runtime`` with exactly its public interface, for fast server tests.
+
+No model: a session records what it is given (frames, questions, updates) and answers with a
+deterministic text built from it, one word per delta, ``token_delay`` seconds apart, so tests can
+check that frames and images reached the session. A question containing "forever" gets an endless
+answer (for cancel tests). ``start()`` waits for ``gate`` when the runtime is built with
+``hold=True``, so tests can watch ``/health`` answer 503 during a "load".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import EngineUnavailable, ResponseActive
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Asked:
+    text: str
+    max_tokens: int | None
+    images: list[np.ndarray]
+    instructions: str | None
+
+
+class FakeResponse:
+    """Async iterator of word deltas; ends early (status "cancelled") when the session cancels it."""
+
+    def __init__(self, session: FakeSession, words: list[str] | None, max_tokens: int | None) -> None:
+        self.id = f"fake_resp_{next(_ids)}"
+        self.status = "in_progress"
+        self.usage: dict[str, Any] = {"input_tokens": 10 + len(session.frames), "output_tokens": 0}
+        self._session = session
+        self._words = words  # None: endless
+        self._max_tokens = max_tokens
+        self.cancelled = asyncio.Event()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[str]:
+        words = iter(self._words) if self._words is not None else (f"w{i} " for i in itertools.count())
+        try:
+            for word in words:
+                if self._max_tokens is not None and self.usage["output_tokens"] >= self._max_tokens:
+                    self.status = "incomplete"
+                    return
+                try:
+                    await asyncio.wait_for(self.cancelled.wait(), self._session.runtime.token_delay)
+                except TimeoutError:
+                    pass
+                if self.cancelled.is_set():
+                    self.status = "cancelled"
+                    return
+                self.usage["output_tokens"] += 1
+                yield word
+            self.status = "completed"
+        finally:
+            if self.status == "in_progress":
+                self.status = "cancelled"
+            if self._session.active is self:
+                self._session.active = None
+
+
+@dataclass
+class FakeSession:
+    runtime: FakeRuntime
+    instructions: str | None
+    schedule: str
+    id: str = field(default_factory=lambda: f"sess_fake{next(_ids)}")
+    frames: list[tuple[tuple[int, ...], float | None]] = field(default_factory=list)
+    asked: list[Asked] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    active: FakeResponse | None = None
+    cancels: int = 0
+    closed: bool = False
+    max_fps: float | None = None
+
+    async def push_frame(self, frame: Any, timestamp: float | None = None) -> None:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        rgb = isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3
+        if not rgb or frame.dtype != np.uint8:
+            raise ValueError("expected an HxWx3 uint8 RGB array")
+        self.frames.append((frame.shape, timestamp))
+        await asyncio.sleep(0)
+
+    def ask(
+        self,
+        text: str,
+        max_tokens: int | None = None,
+        *,
+        images: Sequence[np.ndarray] = (),
+        instructions: str | None = None,
+    ) -> FakeResponse:
+        if self.closed:
+            raise EngineUnavailable("session is closed")
+        if self.active is not None:
+            raise ResponseActive("a response is in progress")
+        if self.runtime.fail_asks:
+            raise EngineUnavailable("the fake engine is down")
+        self.asked.append(Asked(text, max_tokens, list(images), instructions))
+        shapes = ",".join(f"{im.shape[1]}x{im.shape[0]}" for im in images) or "none"
+        words = None
+        if "forever" not in text:
+            answer = f"seen {len(self.frames)} frames, images {shapes}, you said: {text}"
+            words = [word + " " for word in answer.split()]
+        self.active = FakeResponse(self, words, max_tokens)
+        return self.active
+
+    async def cancel(self) -> None:
+        self.cancels += 1
+        if self.active is not None:
+            self.active.cancelled.set()
+
+    def update(self, *, instructions: Any = None, max_fps: Any = None, schedule: Any = None) -> None:
+        self.updates.append({"instructions": instructions, "max_fps": max_fps, "schedule": schedule})
+        if schedule is not None:
+            self.schedule = schedule
+        if max_fps is not None:
+            self.max_fps = max_fps
+
+    def stats(self) -> dict[str, Any]:
+        n = len(self.frames)
+        return {
+            "frames_received": n,
+            "frames_ingested": n,
+            "frames_dropped": 0,
+            "frame_lag_p50_ms": 5.0 if n else None,
+            "frame_lag_p95_ms": 9.0 if n else None,
+            "ttft_ms": None,
+            "tokens_per_s": None,
+            "session_tokens": 64 * n,
+            "frames_during_answer": 0,
+            "rollovers": 0,
+            "positions": self.runtime.positions,
+            "schedule": self.schedule,
+        }
+
+    async def close(self) -> None:
+        if self.active is not None:
+            self.active.cancelled.set()
+        self.closed = True
+
+
+class FakeRuntime:
+    """The ``Runtime`` interface without an engine."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        positions: str = "group-decoupled",
+        schedule: str = "parallel",
+        token_delay: float = 0.005,
+        hold: bool = False,
+        fail_start: bool = False,
+        **options: Any,
+    ) -> None:
+        self.model_name = model or "fake-vlm"
+        self.positions = positions
+        self.schedule = schedule
+        self.options = options
+        self.token_delay = token_delay
+        self.fail_start = fail_start
+        self.fail_asks = False
+        self.gate = asyncio.Event()
+        if not hold:
+            self.gate.set()
+        self.ready = False
+        self.started = False
+        self.closed = False
+        self.sessions: list[FakeSession] = []
+
+    async def start(self) -> None:
+        self.started = True
+        await self.gate.wait()
+        if self.fail_start:
+            raise RuntimeError("no weights here")
+        self.ready = True
+
+    async def close(self) -> None:
+        for session in self.sessions:
+            await session.close()
+        self.ready = False
+        self.closed = True
+
+    async def __aenter__(self) -> FakeRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def open_session(self, instructions: str | None = None, schedule: str | None = None) -> FakeSession:
+        if not self.ready:
+            raise EngineUnavailable("not started")
+        session = FakeSession(self, instructions, schedule or self.schedule)
+        self.sessions.append(session)
+        return session
+
+    @property
+    def open_sessions(self) -> list[FakeSession]:
+        return [s for s in self.sessions if not s.closed]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.open_sessions),
+            "kv_tokens": sum(64 * len(s.frames) for s in self.open_sessions),
+            "rollovers": 0,
+        }
+
+
+# -- helpers for the tests -------------------------------------------------------------------------
+
+
+def image_url(width: int = 32, height: int = 24, fmt: str = "JPEG") -> str:
+    """A real JPEG/PNG as a data URL."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[..., 0] = (np.arange(width) % 256).astype(np.uint8)[None, :]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, fmt)
+    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy."""
+    async with asyncio.timeout(timeout):
+        while not (result := check()):
+            await asyncio.sleep(interval)
+    return result

@@ -1,0 +1,126 @@
+"""The ``speakwatch`` command: options and their environment fallbacks, and ``serve`` on the fake runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+import pytest
+from fake_runtime import FakeRuntime, eventually
+
+import runtime
+from runtime import cli
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_serve_defaults_env_fallbacks_and_precedence(monkeypatch) -> None:
+    args = parse("serve")
+    assert (args.host, args.port, args.api_key, args.model) == ("127.0.0.1", 8000, None, None)
+    assert (args.positions, args.schedule, args.max_sessions, args.arch) == (
+        "group-decoupled",
+        "parallel",
+        16,
+        "qwen2-vl",
+    )
+    monkeypatch.setenv("SPEAKWATCH_PORT", "9001")
+    monkeypatch.setenv("SPEAKWATCH_API_KEY", "from-env")
+    monkeypatch.setenv("SPEAKWATCH_KV_CACHE_GB", "2.5")
+    monkeypatch.setenv("SPEAKWATCH_SCHEDULE", "sequential")
+    args = parse("serve")
+    assert (args.port, args.api_key, args.kv_cache_gb, args.schedule) == (9001, "from-env", 2.5, "sequential")
+    args = parse("serve", "--port", "9002", "--api-key", "flag")
+    assert (args.port, args.api_key) == (9002, "flag")
+
+
+def test_bad_environment_values_are_usage_errors(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPEAKWATCH_PORT", "eighty")
+    monkeypatch.setenv("SPEAKWATCH_SCHEDULE", "whenever")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "SPEAKWATCH_PORT='eighty'" in err and "SPEAKWATCH_SCHEDULE='whenever'" in err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--max-fps", "0"])
+
+
+def test_runtime_and_server_options() -> None:
+    args = parse(
+        "serve",
+        "--model",
+        "/models/qwen",
+        "--max-model-len",
+        "4096",
+        "--tensor-parallel-size",
+        "2",
+        "--max-sessions",
+        "4",
+        "--max-fps",
+        "5",
+        "--arch",
+        "qwen2.5-vl",
+        "--positions",
+        "group-decoupled",
+    )
+    kwargs = cli.runtime_kwargs(args)
+    assert kwargs["engine_options"] == {"max_model_len": 4096, "tensor_parallel_size": 2, "max_num_seqs": 4}
+    assert kwargs["arch"] == "qwen2.5-vl" and kwargs["max_fps"] == 5.0 and kwargs["schedule"] == "parallel"
+    config = cli.server_config(args)
+    assert (config.max_sessions, config.max_fps, config.default_fps, config.api_key) == (4, 5.0, 5.0, None)
+
+
+def test_make_tiny_model_and_chat_delegate(monkeypatch, tmp_path, capsys) -> None:
+    made = []
+    monkeypatch.setattr(
+        "runtime.tiny_model.make_tiny_model", lambda d, arch, seed: made.append((d, arch, seed)) or tmp_path
+    )
+    assert cli.main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen2.5-vl"]) == 0
+    assert made == [(str(tmp_path / "m"), "qwen2.5-vl", 0)]
+    assert "done" in capsys.readouterr().out
+
+    from client import chat
+
+    seen = []
+    monkeypatch.setattr(chat, "main", lambda argv: seen.append(argv) or 7)
+    assert cli.main(["chat", "ws://x/v1/realtime", "--help"]) == 7
+    assert seen == [["ws://x/v1/realtime", "--help"]]
+
+
+async def test_serve_listens_before_the_engine_is_ready(monkeypatch) -> None:
+    fake = FakeRuntime(hold=True)
+    monkeypatch.setattr(runtime, "Runtime", lambda model, **kwargs: fake, raising=False)
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.05)
+    said: list[str] = []
+    monkeypatch.setattr(cli, "_say", said.append)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(cli.serve(parse("serve", "--port", "0", "--api-key", "k"), stop))
+    url = (await eventually(lambda: [m for m in said if m.startswith("listening on ")]))[0].split()[2]
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/health") as reply:
+            assert reply.status == 503
+        await eventually(lambda: any("still loading" in m for m in said))
+        fake.gate.set()
+        await eventually(lambda: any(m.startswith("ready") for m in said))
+        async with http.get(url + "/health") as reply:
+            assert reply.status == 200
+        async with http.get(url + "/v1/models") as reply:
+            assert reply.status == 401
+    stop.set()
+    assert await asyncio.wait_for(serving, 10) == 0
+    assert fake.closed and said[-1] == "stopped"
+
+
+async def test_serve_exits_when_the_engine_fails(monkeypatch) -> None:
+    fake = FakeRuntime(fail_start=True)
+    monkeypatch.setattr(runtime, "Runtime", lambda model, **kwargs: fake, raising=False)
+    said: list[str] = []
+    monkeypatch.setattr(cli, "_say", said.append)
+    assert await asyncio.wait_for(cli.serve(parse("serve", "--port", "0")), 10) == 1
+    assert any("failed to start" in m and "no weights here" in m for m in said)
