@@ -365,8 +365,9 @@ def _jpeg_data_url(rgb: np.ndarray, quality: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _image_url(image: Any, quality: int) -> str:
-    """A data URL for an ``ask`` image: a data URL, JPEG/PNG bytes, a PIL image, an array or a frame."""
+def _image_part(image: Any) -> str | np.ndarray:
+    """An ``ask`` image checked at once: a data URL (from a data URL, JPEG/PNG bytes) or an RGB array
+    (from an array, a PIL image or a frame) that still has to be encoded, off the loop."""
     if isinstance(image, str):
         if not image.startswith("data:"):
             raise ValueError("image strings must be data URLs (data:image/jpeg;base64,...)")
@@ -382,7 +383,7 @@ def _image_url(image: Any, quality: int) -> str:
         return f"data:{mime};base64," + base64.b64encode(raw).decode("ascii")
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    return _jpeg_data_url(_rgb(image), quality)
+    return _rgb(image)
 
 
 def _new_event_id() -> str:
@@ -620,10 +621,11 @@ class RemoteSession:
                 "conversation_already_has_active_response",
                 "an answer is still streaming: cancel it or wait for its end",
             )
+        if not isinstance(text, str):
+            raise ValueError("text must be a string")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        content: list[dict[str, Any]] = [{"type": "input_text", "text": text}]
-        content += [{"type": "input_image", "image_url": _image_url(i, self.jpeg_quality)} for i in images]
+        content: list[Any] = [{"type": "input_text", "text": text}, *(_image_part(i) for i in images)]
         params: dict[str, Any] = {}
         if max_tokens is not None:
             params["max_output_tokens"] = max_tokens
@@ -768,6 +770,12 @@ class RemoteSession:
         try:
             if previous is not None:  # ended for the caller; wait until the server has let it go too
                 await previous._server_done.wait()
+            content = item["item"]["content"]
+            for index, part in enumerate(content):  # images: encoded here, off the loop
+                if isinstance(part, np.ndarray):
+                    part = await asyncio.to_thread(_jpeg_data_url, part, self.jpeg_quality)
+                if isinstance(part, str):
+                    content[index] = {"type": "input_image", "image_url": part}
             response._sent_at = time.monotonic()
             self._inflight = response
             await self._send(item)

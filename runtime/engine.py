@@ -120,6 +120,9 @@ def engine_args(info: ModelInfo, options: EngineOptions):
         data_parallel_size=options.data_parallel_size,
         limit_mm_per_prompt={"image": 16, "video": 0},
         enable_prefix_caching=True,
+        # we pass embeddings, never raw images: no HF processor cache, no encoder profiling run
+        mm_processor_cache_gb=0,
+        skip_mm_profiling=True,
         disable_log_stats=True,
     )
     kwargs.update(options.extra)
@@ -141,5 +144,7 @@ def build_async_llm(info: ModelInfo, options: EngineOptions):
     configure_process_environment(options.kv_cache_gb)
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    log.info("starting vLLM engine for %s (%s, positions=%s)", info.path, info.architecture, options.positions)
+    log.info(
+        "starting vLLM engine for %s (%s, positions=%s)", info.path, info.architecture, options.positions
+    )
     return AsyncLLM.from_engine_args(engine_args(info, options))

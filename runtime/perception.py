@@ -77,7 +77,9 @@ def check_frame(frame: object) -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         to_ndarray = getattr(frame, "to_ndarray", None)
         if to_ndarray is None:
-            raise ValueError(f"frame must be an HxWx3 uint8 numpy array or av.VideoFrame, got {type(frame).__name__}")
+            raise ValueError(
+                f"frame must be an HxWx3 uint8 numpy array or av.VideoFrame, got {type(frame).__name__}"
+            )
         frame = to_ndarray(format="rgb24")
     assert isinstance(frame, np.ndarray)
     if frame.ndim != 3 or frame.shape[2] != 3:
@@ -108,7 +110,9 @@ class VisionEncoder:
         pre = _read_json(info.path / "preprocessor_config.json")
         self.mean = np.asarray(pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]), dtype=np.float32)
         self.std = np.asarray(pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]), dtype=np.float32)
-        model_max = int(pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or DEFAULT_PIXEL_BUDGET)
+        model_max = int(
+            pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or DEFAULT_PIXEL_BUDGET
+        )
         self.max_pixels = int(pixel_budget or min(model_max, DEFAULT_PIXEL_BUDGET))
         self.min_pixels = min(MIN_PIXELS, self.max_pixels)
         if threads:
@@ -126,7 +130,7 @@ class VisionEncoder:
         vision_config._attn_implementation = "sdpa"
         self.model = VisionModel._from_config(vision_config, dtype=torch.float32).eval()
         state = _load_vision_weights(info.path)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing, _unexpected = self.model.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"{info.path}: vision tower weights missing: {missing[:5]}...")
         self._torch = torch

@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.engine import EngineOptions, ModelInfo, build_async_llm
 from runtime.errors import EngineUnavailable
+from runtime.memory import MemoryConfig
 from runtime.session import SCHEDULES, Schedule, Session
 
 log = logging.getLogger("speakwatch.runtime")
@@ -32,6 +33,10 @@ class RuntimeSettings:
     pixel_budget: int | None = None  # resize frames to at most this many pixels (model's default)
     temperature: float = 0.0
     encoder_threads: int | None = None
+    budget_tokens: int | None = None  # live-request tokens before a rollover; default 3/4 of max_model_len
+    window_steps: int = 8  # recent visual steps carried into the next request on a rollover
+    dialogue_turns: int = 4  # recent question/answer pairs carried over
+    memory: MemoryConfig | None = None  # None: defaults for the model size; MemoryConfig(enabled=False): off
 
     def __post_init__(self) -> None:
         if self.turn_tokens < 1:
@@ -65,7 +70,11 @@ class Runtime:
         if isinstance(engine_options, dict):
             engine_options = EngineOptions(**{"positions": positions, **engine_options})
         self.options = engine_options or EngineOptions(positions=positions)
-        if engine_options is not None and positions != "group-decoupled" and self.options.positions != positions:
+        if (
+            engine_options is not None
+            and positions != "group-decoupled"
+            and self.options.positions != positions
+        ):
             self.options = replace(self.options, positions=positions)
         self.settings = replace(settings or RuntimeSettings(), **setting_overrides)
         self.model_path = Path(model) if model is not None else None
@@ -83,6 +92,16 @@ class Runtime:
     @property
     def positions(self) -> str:
         return self.options.positions
+
+    @property
+    def budget_tokens(self) -> int:
+        """Tokens a session's live request may hold before it rolls over."""
+        budget = self.settings.budget_tokens or (3 * self.options.max_model_len) // 4
+        return min(budget, self.options.max_model_len)
+
+    @property
+    def max_output_tokens(self) -> int:
+        return self.settings.max_output_tokens
 
     @property
     def model_name(self) -> str:
@@ -103,7 +122,10 @@ class Runtime:
         from runtime.perception import VisionEncoder
 
         self.encoder = await asyncio.to_thread(
-            VisionEncoder, self.info, pixel_budget=self.settings.pixel_budget, threads=self.settings.encoder_threads
+            VisionEncoder,
+            self.info,
+            pixel_budget=self.settings.pixel_budget,
+            threads=self.settings.encoder_threads,
         )
         log.info("starting the vLLM engine (this takes a while on CPU)")
         self.engine = await asyncio.to_thread(build_async_llm, self.info, self.options)
@@ -128,12 +150,18 @@ class Runtime:
         await self.close()
 
     def open_session(
-        self, instructions: str | None = None, schedule: Schedule | None = None, *, max_fps: float | None = None
+        self,
+        instructions: str | None = None,
+        schedule: Schedule | None = None,
+        *,
+        max_fps: float | None = None,
     ) -> Session:
         """A new session on this runtime's engine (call from the event loop)."""
         if not self.ready:
             raise EngineUnavailable("the engine is not running; await runtime.start() first")
-        session = Session(self, instructions=instructions, schedule=schedule or self.schedule, max_fps=max_fps)
+        session = Session(
+            self, instructions=instructions, schedule=schedule or self.schedule, max_fps=max_fps
+        )
         self.sessions[session.id] = session
         return session
 

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from runtime.errors import ResponseActive, SessionClosed
+from runtime.memory import MemoryConfig
 from runtime.perception import Perception, VisualChunk, check_frame
+from runtime.rollover import SessionMemory
 from streams.frame import Frame
 
 if TYPE_CHECKING:
@@ -57,6 +59,8 @@ class Response:
         self.finished_at: float | None = None
         self.frames_during = 0
         self.cancel_requested = False
+        self.question = ""
+        self.token_ids: list[int] = []  # answer tokens the model produced (what the user saw)
         self._deltas: asyncio.Queue = asyncio.Queue()
         self._done = asyncio.Event()
 
@@ -148,6 +152,7 @@ class SessionCounters:
     turns: int = 0
     requests_started: int = 0
     rollovers: int = 0
+    max_request_tokens: int = 0
     lags_ms: deque = field(default_factory=lambda: deque(maxlen=512))
 
 
@@ -180,6 +185,15 @@ class Session:
         self._last_frame_ts: float | None = None
         self._frame_clock = itertools.count()
         self._carry: list[int] = self.chat.turn("system", instructions) if instructions else []
+        self._carry_visual: list[VisualChunk] = []
+        settings = runtime.settings
+        self.memory = SessionMemory(
+            settings.memory or MemoryConfig.for_hidden_size(runtime.info.hidden_size),
+            runtime.info.hidden_size,
+            runtime.encoder.merge,
+            window=settings.window_steps,
+            dialogue=settings.dialogue_turns,
+        )
         self._request_id: str | None = None
         self._inputs: asyncio.Queue | None = None
         self._outputs: asyncio.Queue | None = None
@@ -286,7 +300,9 @@ class Session:
             "positions": self.runtime.positions,
             "frames_received": c.frames_received,
             "frames_ingested": c.frames_ingested,
-            "frames_dropped": c.frames_dropped_rate + self.perception.stats.dropped + c.frames_dropped_backlog,
+            "frames_dropped": c.frames_dropped_rate
+            + self.perception.stats.dropped
+            + c.frames_dropped_backlog,
             "frames_dropped_by_reason": {
                 "rate": c.frames_dropped_rate,
                 "perception_backlog": self.perception.stats.dropped,
@@ -304,6 +320,11 @@ class Session:
             "turns": c.turns,
             "requests_started": c.requests_started,
             "rollovers": c.rollovers,
+            "budget_tokens": self.runtime.budget_tokens,
+            "max_request_tokens": c.max_request_tokens,
+            "window_steps": len(self.memory.window),
+            "memory_state_bytes": self.memory.state_bytes(),
+            "memory_surprise": self.memory.last_surprise,
             "answering": self._response is not None,
         }
 
@@ -380,7 +401,9 @@ class Session:
             self._end_response("failed", str(exc))
             await self._end_request()
             if not self._closed:
-                self._task = asyncio.get_running_loop().create_task(self._drive(), name=f"speakwatch-{self.id}")
+                self._task = asyncio.get_running_loop().create_task(
+                    self._drive(), name=f"speakwatch-{self.id}"
+                )
 
     def _take_ready(self) -> list[VisualChunk]:
         limit = self.runtime.settings.max_chunks_per_turn
@@ -390,24 +413,29 @@ class Session:
         return taken
 
     def _plan_turn(self) -> tuple[str, list[int], list[VisualChunk], int] | None:
-        """Decide the next chunk: (kind, token ids, visual items in order of their blocks, max_tokens)."""
+        """Decide the next chunk body: (kind, token ids, its visual items in order, max_tokens).
+
+        The body never includes ``self._carry`` (tokens that must open the next chunk, such as the
+        end of the previous answer); `_run_turn` prepends it, or replaces it on a rollover.
+        """
         response = self._response
         turn_tokens = self.runtime.settings.turn_tokens
         if response is not None and self._pending_token is not None and response.cancel_requested:
             self._carry = [*self._carry, self._pending_token, *self.chat.close_assistant()]
             self._pending_token = None
+            self._finish_exchange(response)
             self._end_response("cancelled")
             response = None
         if response is not None and self._pending_token is not None:
             # mid-answer: the re-fed last token goes after any new frames
             visual = self._take_ready() if self.schedule == "parallel" else []
-            ids = [*self._carry, *self._vision_ids(visual), self._pending_token]
+            ids = [*self._vision_ids(visual), self._pending_token]
             remaining = response.max_tokens - response.usage["output_tokens"]
             return "answer", ids, visual, min(turn_tokens, remaining)
         if self._questions:
             question = self._questions.popleft()
             visual = self._take_ready()
-            ids = [*self._carry, *self._vision_ids(visual)]
+            ids = self._vision_ids(visual)
             if question.instructions:
                 ids += self.chat.turn("system", question.instructions)
             ids += self.chat.user_turn_open()
@@ -415,11 +443,14 @@ class Session:
             ids += self.chat.user_turn_close(question.text)
             ids += self.chat.assistant_header
             response = question.response
-            response.usage["input_tokens"] = len(ids) + sum(c.n_tokens - 1 for c in [*visual, *question.images])
+            response.question = question.text
+            response.usage["input_tokens"] = len(ids) + sum(
+                c.n_tokens - 1 for c in [*visual, *question.images]
+            )
             return "answer", ids, [*visual, *question.images], min(turn_tokens, response.max_tokens)
         if self._ready and response is None:
             visual = self._take_ready()
-            return "frames", [*self._carry, *self._vision_ids(visual)], visual, 1
+            return "frames", self._vision_ids(visual), visual, 1
         return None
 
     _pending_token: int | None = None
@@ -428,11 +459,29 @@ class Session:
         """Prompt ids of visual items: one placeholder each (vLLM expands it to the item's tokens)."""
         return [token for _ in chunks for token in self.chat.vision_prompt()]
 
-    async def _run_turn(self, kind: str, ids: list[int], visual: list[VisualChunk], max_tokens: int) -> None:
+    @staticmethod
+    def _expanded(ids: Sequence[int], visual: Sequence[VisualChunk]) -> int:
+        return len(ids) + sum(chunk.n_tokens - 1 for chunk in visual)
+
+    async def _run_turn(
+        self, kind: str, body: list[int], body_visual: list[VisualChunk], max_tokens: int
+    ) -> None:
         import torch
         from vllm.engine.protocol import StreamingInput
 
-        await self._ensure_request()
+        ids = [*self._carry, *body]
+        visual = [*self._carry_visual, *body_visual]
+        budget = self.runtime.budget_tokens
+        live = self._consumer is not None and not self._consumer.done()
+        if live and self.request_tokens + self._expanded(ids, visual) + max_tokens > budget:
+            prefix, prefix_visual = await self._rollover_prefix(body, body_visual, max_tokens)
+            ids, visual = [*prefix, *body], [*prefix_visual, *body_visual]
+            await self._start_request(replace_live=True)
+            self.counters.rollovers += 1
+        else:
+            await self._ensure_request()
+        self._carry, self._carry_visual = [], []
+        self._pending_token = None
         prompt: dict = {"prompt_token_ids": ids}
         if visual:
             prompt["multi_modal_data"] = {
@@ -441,13 +490,14 @@ class Session:
                     "image_grid_thw": torch.tensor([c.grid for c in visual], dtype=torch.long),
                 }
             }
-        expanded = len(ids) + sum(chunk.n_tokens - 1 for chunk in visual)
-        turn = _Turn(kind, max_tokens, visual, expanded, time.monotonic())
-        self._carry = []
-        self._pending_token = None
+        expanded = self._expanded(ids, visual)
+        turn = _Turn(kind, max_tokens, body_visual, expanded, time.monotonic())
         assert self._inputs is not None and self._outputs is not None
         self._inputs.put_nowait(StreamingInput(prompt, self.runtime.sampling_params(max_tokens)))
         self.request_tokens += expanded
+        self.counters.max_request_tokens = max(
+            self.counters.max_request_tokens, self.request_tokens + max_tokens
+        )
         self.counters.turns += 1
         response = self._response if kind == "answer" else None
         while True:
@@ -468,6 +518,7 @@ class Session:
                 stop = self.chat.im_end in new_ids
                 counted = new_ids[: new_ids.index(self.chat.im_end)] if stop else new_ids
                 response.usage["output_tokens"] += len(counted)
+                response.token_ids.extend(counted)
                 response._emit(completion.text)
                 turn.stopped = turn.stopped or stop
             if turn.stopped or turn.received >= max_tokens or completion.finish_reason is not None:
@@ -476,6 +527,53 @@ class Session:
         self.request_tokens += max(0, turn.received - 1)
         if response is not None:
             self._after_answer_turn(response, turn)
+
+    async def _rollover_prefix(
+        self, body: list[int], body_visual: list[VisualChunk], max_tokens: int
+    ) -> tuple[list[int], list[VisualChunk]]:
+        """[system][memory][window][dialogue][the answer in flight], trimmed to fit the budget."""
+        loop = asyncio.get_running_loop()
+        memory = self.memory
+        memory_chunk = await loop.run_in_executor(self.runtime.executor, memory.memory_chunk)
+        head: list[int] = self.chat.turn("system", self.instructions) if self.instructions else []
+        head_visual: list[VisualChunk] = []
+        if memory_chunk is not None:
+            head += self._vision_ids([memory_chunk])
+            head_visual.append(memory_chunk)
+        tail: list[int] = []
+        response = self._response
+        if response is not None and self._pending_token is not None:  # an answer in flight continues
+            tail = [
+                *self.chat.turn("user", response.question),
+                *self.chat.assistant_header,
+                *response.token_ids[:-1],
+            ]
+        window = list(memory.window)
+        exchanges = list(memory.dialogue)
+        budget = self.runtime.budget_tokens
+
+        def build() -> tuple[list[int], list[VisualChunk]]:
+            ids = list(head) + self._vision_ids(window)
+            for exchange in exchanges:
+                ids += self.chat.turn("user", exchange.question)
+                ids += [*self.chat.assistant_header, *exchange.answer_ids, *self.chat.close_assistant()]
+            return ids + tail, [*head_visual, *window]
+
+        def total() -> int:
+            return self._expanded(ids, visual) + self._expanded(body, body_visual) + max_tokens
+
+        ids, visual = build()
+        while exchanges and total() > budget:
+            exchanges.pop(0)
+            ids, visual = build()
+        while window and total() > budget:
+            window.pop(0)
+            ids, visual = build()
+        if total() > budget:
+            raise RuntimeError(
+                f"session budget of {budget} tokens is too small for the system prompt, memory and this turn"
+            )
+        return ids, visual
 
     def _ingested(self, turn: _Turn, response: Response | None) -> None:
         now = time.monotonic()
@@ -487,16 +585,39 @@ class Session:
                 self.counters.lags_ms.append((now - arrival) * 1000)
             if response is not None and response.first_token_at is not None:
                 response.frames_during += len(chunk.indices)
+            evicted = self.memory.add_step(chunk)
+            # the numerics run on the perception worker thread, in order, off the event loop
+            self.runtime.executor.submit(self._remember, chunk, evicted)
+
+    def _remember(self, chunk: VisualChunk, evicted: list[VisualChunk]) -> None:
+        try:
+            self.memory.observe(chunk)
+            self.memory.absorb(evicted)
+        except Exception:  # memory is an aid: never let it take the session down
+            log.exception("session %s: memory update failed", self.id)
+
+    def _finish_exchange(self, response: Response) -> None:
+        self.memory.add_exchange(response.question, response.token_ids)
 
     def _after_answer_turn(self, response: Response, turn: _Turn) -> None:
+        if (
+            turn.stopped
+            or response.cancel_requested
+            or response.usage["output_tokens"] >= response.max_tokens
+        ):
+            self._finish_exchange(response)
         if turn.stopped:
             self._carry = self.chat.close_assistant()  # the sampled <|im_end|> has no KV: re-feed it
             self._end_response("cancelled" if response.cancel_requested else "completed")
         elif response.cancel_requested:
-            self._carry = [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            self._carry = (
+                [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            )
             self._end_response("cancelled")
         elif response.usage["output_tokens"] >= response.max_tokens:
-            self._carry = [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            self._carry = (
+                [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
+            )
             self._end_response("incomplete")
         else:
             self._pending_token = turn.last_token
@@ -513,6 +634,11 @@ class Session:
     async def _ensure_request(self) -> None:
         if self._consumer is not None and not self._consumer.done():
             return
+        await self._start_request(replace_live=False)
+
+    async def _start_request(self, *, replace_live: bool) -> None:
+        """Open a new streaming request; on a rollover, the old one is aborted once the new exists."""
+        old = (self._consumer, self._request_id, self._inputs) if replace_live else (None, None, None)
         self._request_id = f"{self.id}-{self.counters.requests_started}"
         self.counters.requests_started += 1
         self._inputs = asyncio.Queue()
@@ -521,6 +647,8 @@ class Session:
         self._consumer = asyncio.get_running_loop().create_task(
             self._consume(self._request_id, self._inputs, self._outputs), name=f"speakwatch-vllm-{self.id}"
         )
+        if old[0] is not None:
+            await self._stop_request(*old)
 
     async def _consume(self, request_id: str, inputs: asyncio.Queue, outputs: asyncio.Queue) -> None:
         async def stream():
@@ -544,13 +672,18 @@ class Session:
 
     async def _end_request(self) -> None:
         """Finish the live vLLM request and free its KV."""
-        consumer, request_id = self._consumer, self._request_id
+        consumer, request_id, inputs = self._consumer, self._request_id, self._inputs
         self._consumer = None
         self._pending_token = None
+        await self._stop_request(consumer, request_id, inputs)
+
+    async def _stop_request(
+        self, consumer: asyncio.Task | None, request_id: str | None, inputs: asyncio.Queue | None
+    ) -> None:
         if consumer is None:
             return
-        if self._inputs is not None:
-            self._inputs.put_nowait(None)
+        if inputs is not None:
+            inputs.put_nowait(None)
         consumer.cancel()
         try:
             await consumer

@@ -13,7 +13,10 @@ import os
 import string
 from pathlib import Path
 
-ARCHITECTURES = {"qwen2-vl": "Qwen2VLForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+ARCHITECTURES = {
+    "qwen2-vl": "Qwen2VLForConditionalGeneration",
+    "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration",
+}
 TINY_FORMAT = 2  # bump when the generated checkpoint changes, so caches are rebuilt
 
 # Qwen's special tokens, in the order that gives them their real ids (151643, 151644, ...).
@@ -115,7 +118,9 @@ def _build_tokenizer(directory: Path) -> None:
 
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's byte-to-unicode table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    )
     code = ord(ch)
     if code in printable:
         return code
@@ -227,9 +232,13 @@ def make_tiny_model(directory: str | os.PathLike, arch: str = "qwen2-vl", seed: 
     _build_tokenizer(directory)
     _preprocessor(directory, arch)
     (directory / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": FIRST_SPECIAL_ID, "eos_token_id": [FIRST_SPECIAL_ID + 2], "do_sample": False})
+        json.dumps(
+            {"bos_token_id": FIRST_SPECIAL_ID, "eos_token_id": [FIRST_SPECIAL_ID + 2], "do_sample": False}
+        )
     )
-    (directory / "speakwatch_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "format": TINY_FORMAT}))
+    (directory / "speakwatch_tiny.json").write_text(
+        json.dumps({"arch": arch, "seed": seed, "format": TINY_FORMAT})
+    )
     return directory
 
 

@@ -63,7 +63,12 @@ def classify_tokens(
             item_index += 1
             continue
         token = input_tokens[i]
-        if not in_output and header and token == header[0] and list(input_tokens[i : i + len(header)]) == header:
+        if (
+            not in_output
+            and header
+            and token == header[0]
+            and list(input_tokens[i : i + len(header)]) == header
+        ):
             push("output", len(header))
             i += len(header)
             in_output = True

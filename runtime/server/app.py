@@ -61,12 +61,17 @@ class ServerConfig:
         if self.ws_max_msg_size <= self.limits.max_message_bytes:
             raise ValueError("ws_max_msg_size must exceed limits.max_message_bytes")
 
-    def connection_options(self, max_output_tokens: int | None = None) -> ConnectionOptions:
-        """What every connection gets; ``max_output_tokens`` is the runtime's own cap, if lower."""
+    def connection_options(
+        self, max_output_tokens: int | None = None, schedule: str | None = None
+    ) -> ConnectionOptions:
+        """What every connection gets; ``max_output_tokens`` is the runtime's own cap, if lower, and
+        ``schedule`` the runtime's default schedule."""
         limits = replace(self.limits, max_video_fps=self.max_fps)
         if max_output_tokens is not None and max_output_tokens < limits.max_output_tokens:
             limits = replace(limits, max_output_tokens=max_output_tokens)
         video = {**DEFAULT_VIDEO, "max_fps": min(self.default_fps, self.max_fps)}
+        if schedule in ("parallel", "sequential"):
+            video["schedule"] = schedule
         return ConnectionOptions(
             limits=limits,
             defaults=SessionConfig(video=video),
@@ -82,7 +87,9 @@ class RealtimeServer:
     def __init__(self, runtime: Any, config: ServerConfig) -> None:
         self.runtime = runtime
         self.config = config
-        self.options = config.connection_options(_runtime_max_output_tokens(runtime))
+        self.options = config.connection_options(
+            _runtime_max_output_tokens(runtime), getattr(runtime, "schedule", None)
+        )
         self.metrics = ServerMetrics(runtime)
         self.connections: dict[str, RealtimeConnection] = {}
         self.calls: dict[str, Call] = {}

@@ -1,0 +1,128 @@
+"""Fast tests of the runtime's pure parts: token classification, chat format, preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import positional
+from runtime.chat import ChatFormat
+from runtime.engine import EngineOptions, ModelInfo
+from runtime.perception import smart_resize
+from runtime.tiny_model import default_tiny_model
+from runtime.vllm_models import classify_tokens
+
+
+@pytest.fixture(scope="module")
+def info() -> ModelInfo:
+    return ModelInfo.load(default_tiny_model("qwen2-vl"))
+
+
+def test_chat_format_matches_the_chat_template(info: ModelInfo) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+    messages = [
+        {"role": "system", "content": "You watch."},
+        {"role": "user", "content": "What is this?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And now?"},
+    ]
+    expected = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    expected = expected["input_ids"]
+    chat = info.chat
+    ours = (
+        chat.turn("system", "You watch.")
+        + chat.user_turn_open()
+        + chat.user_turn_close("What is this?")
+        + [*chat.assistant_header, *chat.encode("A cat."), *chat.close_assistant()]
+        + chat.turn("user", "And now?")
+        + list(chat.assistant_header)
+    )
+    assert ours == list(expected)
+
+
+def test_classify_tokens_marks_assistant_spans_and_vision(info: ModelInfo) -> None:
+    chat = info.chat
+    header = list(chat.assistant_header)
+    system = chat.turn("system", "S")
+    user = chat.turn("user", "Q")
+    frame = chat.vision_block(6)  # [vs] 6 pads [ve]
+    answer = chat.encode(" ab")
+    ids = system + frame + user + header + answer[:1] + frame + answer[1:] + chat.close_assistant()
+    first = len(system) + 1
+    second = len(system) + len(frame) + len(user) + len(header) + 1 + 1
+    items = [(first, 1, 2, 3), (second, 1, 3, 2)]
+    segments = classify_tokens(
+        ids,
+        items,
+        assistant_header=header,
+        im_end=chat.im_end,
+        vision_markers=[chat.vision_start, chat.vision_end],
+    )
+    assert segments == [
+        ("input", len(system) + 1),
+        ("vision", (1, 2, 3)),
+        ("input", 1 + len(user)),
+        ("output", len(header) + 1),
+        ("input", 1),  # vision markers are input even inside an answer
+        ("vision", (1, 3, 2)),
+        ("input", 1),
+        ("output", len(answer) - 1 + 1),  # rest of the answer and <|im_end|>
+        ("input", len(chat.newline)),
+    ]
+    assert positional.token_count(segments) == len(ids)
+
+
+def test_classify_tokens_without_header_is_all_input() -> None:
+    assert classify_tokens([1, 2, 3], [], assistant_header=[9, 8], im_end=7, vision_markers=[5]) == [
+        ("input", 3)
+    ]
+
+
+def test_smart_resize_keeps_budget_and_factor() -> None:
+    for h, w in [(480, 640), (1080, 1920), (56, 56), (30, 400), (2000, 100)]:
+        rh, rw = smart_resize(h, w, 28, 56 * 56, 224 * 224)
+        assert rh % 28 == 0 and rw % 28 == 0
+        assert 56 * 56 <= rh * rw <= 224 * 224
+    with pytest.raises(ValueError):
+        smart_resize(1, 500, 28, 56 * 56, 224 * 224)
+
+
+def test_patchify_matches_the_hf_image_processor(info: ModelInfo) -> None:
+    """Our preprocessing gives the HF processor's pixel patches for a frame already at target size."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from runtime.perception import VisionEncoder
+
+    encoder = VisionEncoder(info)
+    height, width = encoder.target_size(112, 168)
+    frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ours, grid = encoder.patchify([frame])
+    processor = AutoImageProcessor.from_pretrained(str(info.path))
+    theirs = processor(images=[frame], return_tensors="pt")
+    assert tuple(theirs["image_grid_thw"][0].tolist()) == grid
+    np.testing.assert_allclose(ours, theirs["pixel_values"].numpy(), atol=2e-5)
+    embeds = encoder.encode([[frame]])[0][0]
+    assert isinstance(embeds, torch.Tensor)
+    assert embeds.shape == (grid[0] * grid[1] * grid[2] // 4, info.hidden_size)
+
+
+def test_engine_options_validate() -> None:
+    with pytest.raises(ValueError, match="unknown position scheme"):
+        EngineOptions(positions="nope")
+    with pytest.raises(ValueError):
+        EngineOptions(max_model_len=10)
+
+
+def test_model_info_rejects_non_models(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        ModelInfo.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ValueError, match="not supported"):
+        ModelInfo.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ChatFormat.from_pretrained(tmp_path)
