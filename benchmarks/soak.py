@@ -335,7 +335,15 @@ def report(run: Run) -> bool:
     row("  step latency p95", p95[0], p95[1], " ms")
     mem_f, mem_l = sample_quarters(run, lambda s: s.memory_bytes)
     mem_ratio = row("memory state", mem_f, mem_l, " B", "{:.0f}")
-    row("live-request tokens p50", *quarters([float(t) for t in run.step_tokens]), "", "{:.0f}")
+    tok_first, tok_last = _quarter_parts([float(t) for t in run.step_tokens])
+    row(
+        "live-request tokens p50 (sawtooth)",
+        statistics.median(tok_first),
+        statistics.median(tok_last),
+        "",
+        "{:.0f}",
+    )
+    row("live-request tokens max", max(tok_first), max(tok_last), "", "{:.0f}")
     rolls = run.step_rollovers
     q = max(len(rolls) // 4, 1)
     row(
@@ -484,7 +492,7 @@ def plot(run: Run, path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax = axes[2]
     lat = np.asarray(run.step_latency_ms)
-    ax.plot(minutes, lat, ",", alpha=0.4, label="per step")
+    ax.plot(minutes, lat, ".", ms=1.0, alpha=0.3, color="tab:blue", label="per step")
     k = max(run.frames // 200, 1)
     if len(lat) >= k:
         smooth = np.convolve(lat, np.ones(k) / k, mode="valid")  # a running mean, for the trend
@@ -505,6 +513,13 @@ def plot(run: Run, path: Path) -> None:
     plt.close(fig)
 
 
+def load(path: Path) -> Run:
+    data = json.loads(path.read_text())
+    data["samples"] = [Sample(**s) for s in data["samples"]]
+    data["questions"] = [Asked(**q) for q in data["questions"]]
+    return Run(**data)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hours", type=float, default=2.0, help="simulated stream length (default 2)")
@@ -523,14 +538,17 @@ def main() -> int:
     )
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "soak.png")
     parser.add_argument("--json", type=Path, default=None, help="write the raw series here")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="no run: report and plot a series saved with --json"
+    )
     args = parser.parse_args()
     if args.quick:
         args.hours, args.question_every = 0.1, 2.0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run = asyncio.run(soak(args))
+    run = load(args.from_json) if args.from_json else asyncio.run(soak(args))
     plot(run, args.plot)
     log(f"plot written to {args.plot}")
-    if args.json:
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(run)
         args.json.write_text(json.dumps(data, default=str))

@@ -92,7 +92,8 @@ class Camera:
         self.t0 = 0.0
 
     def start(self) -> None:
-        self.t0 = time.monotonic()
+        """Start the clock as if the camera had been running for a while (the last frames exist)."""
+        self.t0 = time.monotonic() - 10.0
 
     def url(self, k: int) -> str:
         if k not in self._cache:
@@ -150,7 +151,7 @@ def tree_cpu(proc: psutil.Process) -> float:
 class Server:
     """One server process group (started under flock), its health check and an RSS sampler."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, lock: str, logdir: Path) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, logdir: Path) -> None:
         self.name, self.port = name, port
         self.log_path = logdir / f"{name}.log"
         env = dict(os.environ)
@@ -162,11 +163,11 @@ class Server:
             VLLM_NO_USAGE_STATS="1",
             DO_NOT_TRACK="1",
         )
-        full = ["flock", lock, *cmd] if lock else cmd
-        log(f"{name}: starting: {' '.join(full)} (log {self.log_path})")
+        shown = ["vllm", *cmd[3:]] if cmd[1:2] == ["-c"] else cmd
+        log(f"{name}: starting: {' '.join(shown)} (log {self.log_path})")
         self._log = open(self.log_path, "w")  # closed in stop()
         self.popen = subprocess.Popen(
-            full, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
         )
         self.proc = psutil.Process(self.popen.pid)
         self.samples: list[tuple[float, int]] = []
@@ -204,10 +205,10 @@ class Server:
                     raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s (log {self.log_path})")
                 if now - last_note >= 15:
                     last_note = now
-                    waiting = " (waiting for the engine lock?)" if len(tree(self.proc)) <= 1 else ""
-                    log(f"{self.name}: still starting, {now - started:.0f} s{waiting}")
+                    log(f"{self.name}: still starting, {now - started:.0f} s")
                 await asyncio.sleep(1.0)
         self.ready_s = time.monotonic() - started
+        self.load_at_ready = os.getloadavg()[0]
         rss = mib(tree_rss(self.proc))
         log(f"{self.name}: ready after {self.ready_s:.0f} s (incl. any lock wait), RSS {rss}")
 
@@ -427,6 +428,7 @@ async def ours_point(
         "frame_lag_p50_ms": stats.get("frame_lag_p50_ms"),
         "frame_lag_p95_ms": stats.get("frame_lag_p95_ms"),
         "session_tokens": stats.get("session_tokens"),
+        "rollovers": stats.get("rollovers"),
         "server_ttft_ms_last": stats.get("server_ttft_ms"),
         "video": video,
     }
@@ -455,7 +457,7 @@ async def run_stateless(
         "--dtype", "float32", "--enforce-eager", "--disable-log-stats",
         "--limit-mm-per-prompt", json.dumps({"image": limit, "video": 0}),
     ]  # fmt: skip
-    server = Server("vllm-serve", cmd, args.port, args.lock, logdir)
+    server = Server("vllm-serve", cmd, args.port, logdir)
     out: dict[str, Any] = {"points": []}
     try:
         await server.wait_ready()
@@ -482,6 +484,7 @@ async def run_stateless(
                 )
         out["final_rss"] = tree_rss(server.proc)
         out["max_rss"] = max(rss for _, rss in server.samples)
+        out["load"] = (server.load_at_ready, os.getloadavg()[0])
     finally:
         server.stop()
     return out
@@ -492,7 +495,7 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
         str(ROOT / ".venv/bin/speakwatch"), "serve", "--port", str(args.port + 1),
         "--max-model-len", str(args.ours_max_model_len), "--kv-cache-gb", "1",
     ]  # fmt: skip
-    server = Server("speakwatch", cmd, args.port + 1, args.lock, logdir)
+    server = Server("speakwatch", cmd, args.port + 1, logdir)
     out: dict[str, Any] = {"points": []}
     try:
         await server.wait_ready()
@@ -536,6 +539,7 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
             pass
         out["final_rss"] = tree_rss(server.proc)
         out["max_rss"] = max(rss for _, rss in server.samples)
+        out["load"] = (server.load_at_ready, os.getloadavg()[0])
     finally:
         server.stop()
     return out
@@ -576,17 +580,17 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
     ours_by_iv = {p.interval: p for p in ours["points"] if p.extra.get("video", True)}
     print("\n## Ours: session state per point")
     print(
-        "| interval s | frames in | ingested | dropped | frame lag p50/p95 ms | session tokens | CPU s "
-        "| RSS max MiB |"
+        "| interval s | frames in | ingested | dropped | frame lag p50/p95 ms | session tokens | rollovers "
+        "| CPU s | RSS max MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for p in ours["points"]:
         e = p.extra
         label = f"{p.interval:g}" + ("" if e.get("video") else " (no video)")
         print(
             f"| {label} | {e.get('frames_received')} | {e.get('frames_ingested')} | "
             f"{e.get('frames_dropped')} | {num(e.get('frame_lag_p50_ms'))}/"
-            f"{num(e.get('frame_lag_p95_ms'))} | {e.get('session_tokens')} | "
+            f"{num(e.get('frame_lag_p95_ms'))} | {e.get('session_tokens')} | {e.get('rollovers')} | "
             f"{p.cpu_s:.1f} | {p.rss_max / 2**20:.0f} |"
         )
     summary = []
@@ -641,6 +645,11 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
         f"{mib(stateless['max_rss'])}, final {mib(stateless['final_rss'])}; "
         f"ours idle {mib(ours['idle_rss'])}, max {mib(ours['max_rss'])}, final {mib(ours['final_rss'])}"
     )
+    (s0, s1), (o0, o1) = stateless["load"], ours["load"]
+    print(
+        f"1-min load average (ready, end): stateless {s0:.1f}, {s1:.1f}; ours {o0:.1f}, {o1:.1f} "
+        "(2 cores; above 2 means other jobs competed for the CPUs)"
+    )
     at8 = [line for line in summary if line["n"] == 8]
     for line in at8:
         a, b = line["ttft_ours"], line["ttft_stateless"]
@@ -668,6 +677,9 @@ def plot(
         ("prefill_tokens", "prefill tokens per question", "prefill"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        every = [*stateless["points"], *ours["points"]]
+        medians = [med([getattr(r, metric) for r in measured(p)]) for p in every]
+        top = 2.2 * max([m for m in medians if m is not None] or [1.0])  # outliers are drawn at the top
         for c, interval in zip(colours, args.intervals, strict=False):
             pts = sorted((p for p in stateless["points"] if p.interval == interval), key=lambda p: p.n)
             if not pts:
@@ -677,7 +689,7 @@ def plot(
             ax.plot(xs, ys, "o-", color=c, label=f"stateless vllm serve, question every {interval:g} s")
             for p in pts:
                 vals = [getattr(r, metric) for r in measured(p) if getattr(r, metric) is not None]
-                ax.scatter([p.n] * len(vals), vals, color=c, s=8, alpha=0.4)
+                ax.scatter([p.n] * len(vals), [min(v, top) for v in vals], color=c, s=8, alpha=0.4)
             op = ours_by_iv.get(interval)
             if op is not None:
                 y = med([getattr(r, metric) for r in measured(op)])
@@ -685,10 +697,13 @@ def plot(
         ax.set_xlabel("N: frames re-sent with each question (stateless side)")
         ax.set_ylabel(label)
         ax.set_xticks(sorted({p.n for p in stateless["points"]}))
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top * 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(f"{label} vs N (tiny Qwen2-VL, CPU, {camera_desc(args)})", fontsize=8)
+        ax.set_title(
+            f"{label} vs N (tiny Qwen2-VL, 2 CPUs, {camera_desc(args)}); dots: questions, clipped at top",
+            fontsize=7,
+        )
         fig.tight_layout()
         path = outdir / f"versus_stateless_{name}.png"
         fig.savefig(path, dpi=110)
@@ -711,10 +726,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--size", default="640x480", help="camera frame size WxH")
     ap.add_argument("--max-tokens", type=int, default=16, help="answer length cap (greedy)")
     ap.add_argument("--port", type=int, default=8931, help="vllm serve port; ours uses port + 1")
-    ap.add_argument("--ours-max-model-len", type=int, default=32768, help="context of our server's engine")
-    ap.add_argument("--lock", default="/tmp/speakwatch-engine.lock", help="flock file ('' = none)")
+    ap.add_argument("--ours-max-model-len", type=int, default=8192, help="our engine context (rolls at 3/4)")
+    ap.add_argument("--lock", default="/tmp/speakwatch-engine.lock", help="flock file held for the run")
     ap.add_argument("--plots", default=str(ROOT / "docs/img"), help="directory for the PNG plots")
     ap.add_argument("--json", default="", help="also write the raw results here")
+    ap.add_argument("--only-ours", action="store_true", help="run our server alone (a check, no comparison)")
     args = ap.parse_args(argv)
     if args.quick:
         args.ns, args.intervals, args.questions = "1,8", "5", 2
@@ -723,6 +739,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w, h = (int(x) for x in args.size.lower().split("x"))
     args.width, args.height = w, h
     return args
+
+
+def take_lock(path: str) -> Any:
+    """Hold ``flock`` on ``path`` for the whole run (both servers), like ``flock PATH <this command>``:
+    engine-heavy jobs on a shared machine take turns, and nothing else heavy runs between our two phases."""
+    if not path:
+        return None
+    import fcntl
+
+    handle = open(path, "a")  # held until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"waiting for the engine lock {path} (another engine-heavy job is running) ...")
+        started = time.monotonic()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        log(f"got the engine lock after {time.monotonic() - started:.0f} s")
+    return handle
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -734,24 +768,34 @@ async def amain(args: argparse.Namespace) -> int:
     log(f"model {model}; camera {camera_desc(args)}; N {args.ns}; intervals {args.intervals}")
     log(f"server logs in {logdir}")
     started = time.monotonic()
+    if args.only_ours:  # a check of our side alone, no comparison
+        ours = await run_ours(args, camera, logdir)
+        for point in ours["points"]:
+            print(point.extra, [fmt_row(r) for r in point.rows])
+        return 0
     stateless = await run_stateless(args, model, camera, logdir)
     ours = await run_ours(args, camera, logdir)
-    paths = plot(args, stateless, ours, Path(args.plots))
-    log(f"plots: {', '.join(str(p) for p in paths)}; total {time.monotonic() - started:.0f} s")
-    result = report(args, stateless, ours)
-    if args.json:
+    if args.json:  # raw results first, so a failure below loses nothing
         raw = {
-            "args": {k: v for k, v in vars(args).items()},
+            "args": dict(vars(args)),
             "stateless": {**stateless, "points": [asdict(p) for p in stateless["points"]]},
             "ours": {**ours, "points": [asdict(p) for p in ours["points"]]},
-            **result,
         }
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
+    paths = plot(args, stateless, ours, Path(args.plots))
+    log(f"plots: {', '.join(str(p) for p in paths)}; total {time.monotonic() - started:.0f} s")
+    report(args, stateless, ours)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(amain(parse_args(argv)))
+    args = parse_args(argv)
+    lock = take_lock(args.lock)
+    try:
+        return asyncio.run(amain(args))
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ async def test_hundreds_of_rollovers_stay_within_budget_and_keep_answering(small
     async with rt.open_session(instructions="Watch.") as session:
         seen_memory_bytes = set()
         for i in range(900):
-            frame = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+            frame = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)  # 16 visual tokens
             await session.push_frame(frame, timestamp=i * 0.5)
-            await asyncio.sleep(0)
+            while session.stats()["frames_pending"] > 1:  # accelerated, but without backlog drops
+                await asyncio.sleep(0.005)
             if i % 150 == 149:  # a question now and then, answered across rollovers
                 text = await session.ask("What changed?", max_tokens=24).read()
                 assert text.strip()
@@ -55,10 +56,10 @@ async def test_hundreds_of_rollovers_stay_within_budget_and_keep_answering(small
         while session.stats()["frames_pending"] and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         stats = session.stats()
-        assert stats["rollovers"] >= 100, stats
-        assert stats["max_request_tokens"] <= BUDGET, stats
+        assert stats["rollovers"] >= 100, str(stats)
+        assert stats["max_request_tokens"] <= BUDGET, str(stats)
         assert stats["session_tokens"] <= BUDGET
-        assert stats["frames_ingested"] > 300
+        assert stats["frames_ingested"] >= 850, str(stats)
         assert len(seen_memory_bytes) == 1, "memory state must not grow with the stream"
         assert stats["memory_surprise"] is not None
         final = await session.ask("Still watching?", max_tokens=30).read()
