@@ -334,6 +334,7 @@ def plot(points: list[Point], balanced: int, k: int, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points = sorted(points, key=lambda p: p.r)  # a(f) is measured, so r need not rise with f
     r = [p.r for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(r, [p.analytic for p in points], "o--", color="gray", label="analytic (a+b)/max(a,b)")
@@ -358,7 +359,7 @@ def plot(points: list[Point], balanced: int, k: int, out: Path) -> None:
     right.set_xlabel("r = a / b")
     right.set_ylabel("frame lag, arrival -> in KV (ms)")
     right.set_title("frame lag")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -446,7 +447,7 @@ async def main(args: argparse.Namespace) -> None:
     else:
         args.repeats = args.repeats or 5
         sweep = sorted(set(args.sweep or [1, 2, 4, 6, 8]))
-        calib_repeats = 3
+        calib_repeats = 5
     cfg = Config(
         side=args.side,
         turn_tokens=args.turn_tokens,

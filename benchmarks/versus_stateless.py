@@ -104,8 +104,8 @@ class Camera:
                 buf, format="JPEG", quality=JPEG_QUALITY
             )
             self._cache[k] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-            if len(self._cache) > 64:
-                self._cache.pop(min(self._cache))
+            if len(self._cache) > 64:  # drop the oldest entry (dicts keep insertion order)
+                self._cache.pop(next(iter(self._cache)))
         return self._cache[k]
 
     def latest(self, now: float | None = None) -> int:
@@ -773,8 +773,11 @@ async def amain(args: argparse.Namespace) -> int:
         for point in ours["points"]:
             print(point.extra, [fmt_row(r) for r in point.rows])
         return 0
+    ours = await run_ours(args, camera, logdir)  # ours first: the order does not matter, one at a time
+    if args.json:  # kept if the second phase fails
+        partial = {"ours": {**ours, "points": [asdict(p) for p in ours["points"]]}}
+        Path(args.json).write_text(json.dumps(partial, indent=1, default=str))
     stateless = await run_stateless(args, model, camera, logdir)
-    ours = await run_ours(args, camera, logdir)
     if args.json:  # raw results first, so a failure below loses nothing
         raw = {
             "args": dict(vars(args)),

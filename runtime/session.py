@@ -294,22 +294,22 @@ class Session:
         c = self.counters
         last = self._last_response
         lags = list(c.lags_ms)
+        dropped = c.frames_dropped_rate + self.perception.stats.dropped + c.frames_dropped_backlog
         return {
             "session_id": self.id,
             "schedule": self.schedule,
             "positions": self.runtime.positions,
             "frames_received": c.frames_received,
             "frames_ingested": c.frames_ingested,
-            "frames_dropped": c.frames_dropped_rate
-            + self.perception.stats.dropped
-            + c.frames_dropped_backlog,
+            "frames_dropped": dropped,
             "frames_dropped_by_reason": {
                 "rate": c.frames_dropped_rate,
                 "perception_backlog": self.perception.stats.dropped,
                 "chunk_backlog": c.frames_dropped_backlog,
             },
             "frames_rejected": c.frames_rejected,
-            "frames_pending": self.perception.pending + sum(len(ch.indices) for ch in self._ready),
+            # every accepted frame is pending (queued, encoding, sent but not yet in KV), in KV, or dropped
+            "frames_pending": c.frames_received - c.frames_ingested - dropped,
             "frame_lag_p50_ms": percentile(lags, 50),
             "frame_lag_p95_ms": percentile(lags, 95),
             "ttft_ms": last.ttft_ms if last else None,

@@ -22,7 +22,7 @@ import client
 from client.remote import _jpeg_data_url
 from runtime.server.app import SERVER, ServerConfig, create_app
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
 @pytest.fixture

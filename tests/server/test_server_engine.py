@@ -14,7 +14,7 @@ from test_server_webrtc import call
 
 from runtime.server.app import ServerConfig
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
 def jpeg_data_url(seed: int, size: tuple[int, int] = (160, 120)) -> str:
