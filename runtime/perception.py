@@ -247,6 +247,8 @@ class Perception:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closed = False
+        self.paused = False
+        self.encoding = False
 
     def start(self) -> None:
         if self._task is None:
@@ -266,19 +268,36 @@ class Perception:
     def pending(self) -> int:
         return len(self.queue)
 
+    @property
+    def busy(self) -> bool:
+        """Frames are queued or being encoded."""
+        return bool(self.queue) or self.encoding
+
+    def pause(self) -> None:
+        """Hold encoding (the sequential schedule's classic cycle: nothing is perceived mid-answer)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._wake.set()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
-            while len(self.queue) >= self.frames_per_chunk and not self._closed:
+            while len(self.queue) >= self.frames_per_chunk and not self._closed and not self.paused:
                 groups: list[list[Frame]] = []
                 while len(self.queue) >= self.frames_per_chunk and len(groups) < self.max_batch:
                     groups.append([self.queue.popleft() for _ in range(self.frames_per_chunk)])
                 started = time.perf_counter()
-                results = await loop.run_in_executor(
-                    self.executor, self.encoder.encode, [[f.rgb for f in g] for g in groups]
-                )
+                self.encoding = True
+                try:
+                    results = await loop.run_in_executor(
+                        self.executor, self.encoder.encode, [[f.rgb for f in g] for g in groups]
+                    )
+                finally:
+                    self.encoding = False
                 self.stats.encode_seconds += time.perf_counter() - started
                 now = time.monotonic()
                 chunks = [

@@ -282,6 +282,8 @@ class Session:
             if schedule not in SCHEDULES:
                 raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
             self.schedule = schedule  # type: ignore[assignment]
+            if schedule == "parallel":
+                self.perception.resume()
         if max_fps is not None:
             if max_fps <= 0:
                 raise ValueError("max_fps must be positive")
@@ -433,6 +435,11 @@ class Session:
             remaining = response.max_tokens - response.usage["output_tokens"]
             return "answer", ids, visual, min(turn_tokens, remaining)
         if self._questions:
+            if self.schedule == "sequential" and self.perception.busy:
+                return None  # the classic cycle: a question waits until queued frames are ingested
+            if len(self._ready) > self.runtime.settings.max_chunks_per_turn:
+                visual = self._take_ready()  # frames that came before the question go in first
+                return "frames", self._vision_ids(visual), visual, 1
             question = self._questions.popleft()
             visual = self._take_ready()
             ids = self._vision_ids(visual)
@@ -492,6 +499,8 @@ class Session:
             }
         expanded = self._expanded(ids, visual)
         turn = _Turn(kind, max_tokens, body_visual, expanded, time.monotonic())
+        if kind == "answer" and self.schedule == "sequential":
+            self.perception.pause()
         assert self._inputs is not None and self._outputs is not None
         self._inputs.put_nowait(StreamingInput(prompt, self.runtime.sampling_params(max_tokens)))
         self.request_tokens += expanded
@@ -628,6 +637,7 @@ class Session:
             return
         self._response = None
         self._last_response = response
+        self.perception.resume()
         response._finish(status, error)
 
     # the vLLM request ------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ class RealtimeClient:
                 if event["type"] == kind:
                     return events
 
-    async def ask(self, text: str, **response: Any) -> tuple[str, dict[str, Any]]:
+    async def ask(self, text: str, timeout: float = 5.0, **response: Any) -> tuple[str, dict[str, Any]]:
         """One user message and one response; the answer text and the ``response.done`` event."""
         content = [{"type": "input_text", "text": text}]
         await self.send(
@@ -89,9 +89,9 @@ class RealtimeClient:
                 "item": {"type": "message", "role": "user", "content": content},
             }
         )
-        await self.until("conversation.item.done")
+        await self.until("conversation.item.done", timeout)
         await self.send({"type": "response.create", "response": response})
-        events = await self.until("response.done")
+        events = await self.until("response.done", timeout)
         text_out = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
         return text_out, events[-1]
 

@@ -39,10 +39,10 @@ async def test_websocket_session_watches_and_answers(served) -> None:
     created = await client.recv()
     assert created["type"] == "session.created"
     await client.send({"type": "session.update", "session": {"video": {"max_fps": 10}}})
-    await client.until("session.updated")
+    await client.until("session.updated", 30)
     for i in range(3):
         await client.send({"type": "input_video.append", "image": jpeg_data_url(i), "timestamp_ms": i * 500})
-    text, done = await client.ask("What do you see?", max_output_tokens=12)
+    text, done = await client.ask("What do you see?", timeout=60, max_output_tokens=12)
     assert done["response"]["status"] in ("completed", "incomplete")
     assert text.strip()
     assert done["response"]["usage"]["output_tokens"] > 0
@@ -58,7 +58,7 @@ async def test_webrtc_video_attached_to_a_websocket_session_is_ingested(served) 
     client = await connect(served)
     session_id = (await client.recv())["session"]["id"]
     await client.send({"type": "session.update", "session": {"video": {"max_fps": 4}}})
-    await client.until("session.updated")
+    await client.until("session.updated", 30)
     served.http.headers["Authorization"] = "Bearer secret"
     rtc = await call(served, session_id, rate=10)
     try:
@@ -67,7 +67,7 @@ async def test_webrtc_video_attached_to_a_websocket_session_is_ingested(served) 
                 stats = await client.recv(stats=True)
                 if stats["type"] == "input_video.stats" and stats.get("ingested", 0) >= 3:
                     break
-        text, done = await client.ask("Describe the video.", max_output_tokens=8)
+        text, done = await client.ask("Describe the video.", timeout=60, max_output_tokens=8)
         assert done["response"]["status"] in ("completed", "incomplete") and text
     finally:
         await rtc.close()
@@ -88,16 +88,16 @@ async def test_cancel_and_a_second_session_in_parallel(served) -> None:
             },
         }
     )
-    await first.until("conversation.item.done")
+    await first.until("conversation.item.done", 30)
     await first.send({"type": "response.create", "response": {"max_output_tokens": 200}})
     await first.until("response.output_text.delta", timeout=30)
-    answer_task = asyncio.create_task(second.ask("Quick one?", max_output_tokens=6))
+    answer_task = asyncio.create_task(second.ask("Quick one?", timeout=60, max_output_tokens=6))
     await first.send({"type": "response.cancel"})
     events = await first.until("response.done", timeout=30)
     assert events[-1]["response"]["status"] == "cancelled"
     text, done = await answer_task
     assert text and done["response"]["status"] in ("completed", "incomplete")
-    again, done = await first.ask("After cancel?", max_output_tokens=4)
+    again, done = await first.ask("After cancel?", timeout=60, max_output_tokens=4)
     assert again and done["response"]["status"] in ("completed", "incomplete")
     await first.close()
     await second.close()
@@ -122,7 +122,7 @@ async def test_disconnect_frees_the_session(served, runtime) -> None:
             "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Long."}]},
         }
     )
-    await client.until("conversation.item.done")
+    await client.until("conversation.item.done", 30)
     await client.send({"type": "response.create", "response": {"max_output_tokens": 200}})
     await client.until("response.output_text.delta", timeout=30)
     await client.close()
