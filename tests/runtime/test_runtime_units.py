@@ -126,3 +126,18 @@ def test_model_info_rejects_non_models(tmp_path) -> None:
         ModelInfo.load(tmp_path)
     with pytest.raises(FileNotFoundError):
         ChatFormat.from_pretrained(tmp_path)
+
+
+def test_two_frames_make_one_temporal_patch_on_qwen2_5_vl() -> None:
+    """Qwen2.5-VL's temporal patch of 2: a pair of frames is one visual item with grid t = 1."""
+    from runtime.perception import VisionEncoder
+
+    encoder = VisionEncoder(ModelInfo.load(default_tiny_model("qwen2.5-vl")))
+    rng = np.random.default_rng(1)
+    first, second = (rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2))
+    (pair, grid), (still, still_grid) = encoder.encode([[first, second], [first]])
+    assert grid == still_grid == (1, 8, 8)
+    assert pair.shape == still.shape == (16, 128)
+    assert not np.allclose(pair.numpy(), still.numpy()), "the second frame must change the item"
+    with pytest.raises(ValueError, match="1..2 frames"):
+        encoder.patchify([first, second, first])
