@@ -139,5 +139,5 @@ def test_two_frames_make_one_temporal_patch_on_qwen2_5_vl() -> None:
     assert grid == still_grid == (1, 8, 8)
     assert pair.shape == still.shape == (16, 128)
     assert not np.allclose(pair.numpy(), still.numpy()), "the second frame must change the item"
-    with pytest.raises(ValueError, match="1..2 frames"):
+    with pytest.raises(ValueError, match=r"1\.\.2 frames"):
         encoder.patchify([first, second, first])
