@@ -11,11 +11,13 @@ Fairness: the two servers run one at a time on the same machine (each alone on t
 client is light), on the same tiny checkpoint (`runtime.tiny_model.default_tiny_model`), with the
 same frame resolution (both sides resize with Qwen2-VL's rule and pixel budget: the visual tokens per
 frame are measured on each side and printed), the same JPEG bytes, greedy decoding and the same
-max_tokens. Each server command runs under `flock LOCK` so engine-heavy jobs on a shared machine take
-turns. TTFT is measured in this client, from the call to the first text delta (stateless: the first
-streamed chunk with content; ours: the first `response.output_text.delta`).
+max_tokens. The run holds `flock LOCK` (default /tmp/speakwatch-engine.lock) from start to end, so
+engine-heavy jobs on a shared machine take turns and none runs between the two phases (`--lock ''`
+when the command is already wrapped in flock). TTFT is measured in this client, from the call to the
+first text delta (stateless: the first streamed chunk with content; ours: the first
+`response.output_text.delta`).
 
-    python benchmarks/versus_stateless.py                 # full sweep, ~12-15 min on 2 CPUs
+    python benchmarks/versus_stateless.py                 # full sweep, ~10-12 min on 2 CPUs
     python benchmarks/versus_stateless.py --quick         # smoke run, ~5 min
     python benchmarks/versus_stateless.py --ns 0,1,4,8 --intervals 5,10 --questions 5
 
@@ -149,7 +151,7 @@ def tree_cpu(proc: psutil.Process) -> float:
 
 
 class Server:
-    """One server process group (started under flock), its health check and an RSS sampler."""
+    """One server process group, its health check and an RSS sampler."""
 
     def __init__(self, name: str, cmd: list[str], port: int, logdir: Path) -> None:
         self.name, self.port = name, port

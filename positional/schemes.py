@@ -12,6 +12,7 @@ changes the positions of earlier tokens (cached keys are already rotated with th
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Iterable, Sequence
@@ -88,11 +89,23 @@ def _check(scheme: str, tau: float, gap: int) -> None:
         raise ValueError(f"gap must be an int >= 0, got {gap!r}")
 
 
-def _vision_block(item: _Vision, base: int, tau: float) -> np.ndarray:
-    """(3, t*h*w) positions of a visual item placed at ``base``, row-major (j, r, c)."""
-    j, r, c = np.meshgrid(np.arange(item.t), np.arange(item.h), np.arange(item.w), indexing="ij")
+@functools.lru_cache(maxsize=256)
+def _vision_offsets(t: int, h: int, w: int, tau: float) -> np.ndarray:
+    """(3, t*h*w) offsets from the base of an item, row-major (j, r, c); cached, read-only.
+
+    The hook inside vLLM recomputes a whole session's positions at every streamed chunk, and a
+    session repeats a handful of grids, so the layout is built once per grid.
+    """
+    j, r, c = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
     temporal = np.floor(tau * j.astype(np.float64)).astype(np.int64)
-    return np.stack([base + temporal, base + r, base + c]).reshape(3, -1).astype(np.int64)
+    offsets = np.stack([temporal, r, c]).reshape(3, -1).astype(np.int64)
+    offsets.flags.writeable = False
+    return offsets
+
+
+def _vision_block(item: _Vision, base: int, tau: float) -> np.ndarray:
+    """(3, t*h*w) positions of a visual item placed at ``base``."""
+    return _vision_offsets(item.t, item.h, item.w, float(tau)) + base
 
 
 def _vision_extent(item: _Vision, tau: float) -> int:
