@@ -63,6 +63,7 @@ class FrameSource:
         self._producer_done = False
         self._finished = False
         self._closed = False
+        self._converting = False
         self._error: BaseException | None = None
         self._received = 0
 
@@ -119,9 +120,11 @@ class FrameSource:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._slot is not None:
-            self._slot = None
-            self.sampler.stats.drop(CLOSED)
+        for pending in (self._slot is not None, self._converting):
+            if pending:
+                self.sampler.stats.drop(CLOSED)
+        self._slot = None
+        self._converting = False
         self.sampler.clear(CLOSED)
         try:
             await self._release()
@@ -172,7 +175,7 @@ class FrameSource:
 
     async def _wait_room(self) -> None:
         """Wait until the pipeline can take a frame without dropping (lossless reading of files)."""
-        while not self._closed and (self._slot is not None or self.sampler.full):
+        while not self._closed and (self._slot is not None or self._converting or self.sampler.full):
             self._room.clear()
             await self._room.wait()
 
@@ -202,15 +205,19 @@ class FrameSource:
                     self._slot_event.clear()
                     await self._slot_event.wait()
                     continue
+                # take the frame out of the slot first: a newer frame arriving during the conversion
+                # must wait in the slot, not be wiped when this one is done
                 raw, timestamp, arrival, index = self._slot
+                self._slot = None
+                self._converting = True
                 try:
                     rgb = await run_off_loop(self._convert, raw)
                 except Exception as exc:
                     logger.warning("%s: frame conversion failed: %r", type(self).__name__, exc)
-                    self._slot = None
                     self.sampler.stats.drop(ERROR)
                     continue
-                self._slot = None
+                finally:
+                    self._converting = False
                 self.sampler.offer(Frame(rgb=rgb, timestamp=timestamp, arrival=arrival, index=index))
                 self._wake.set()
                 self._room.set()

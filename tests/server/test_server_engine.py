@@ -46,11 +46,10 @@ async def test_websocket_session_watches_and_answers(served) -> None:
     assert done["response"]["status"] in ("completed", "incomplete")
     assert text.strip()
     assert done["response"]["usage"]["output_tokens"] > 0
-    async with asyncio.timeout(30):
-        while True:
-            stats = await client.recv(stats=True)
-            if stats["type"] == "input_video.stats" and stats.get("ingested", 0) >= 3:
-                break
+    # stats events that arrived during the answer were set aside in client.stats
+    async with asyncio.timeout(60):
+        while not any(event.get("ingested", 0) >= 3 for event in client.stats):
+            await client.recv(timeout=60, stats=True)
     await client.close()
 
 
@@ -63,10 +62,8 @@ async def test_webrtc_video_attached_to_a_websocket_session_is_ingested(served) 
     rtc = await call(served, session_id, rate=10)
     try:
         async with asyncio.timeout(60):
-            while True:
-                stats = await client.recv(stats=True)
-                if stats["type"] == "input_video.stats" and stats.get("ingested", 0) >= 3:
-                    break
+            while not any(event.get("ingested", 0) >= 3 for event in client.stats):
+                await client.recv(timeout=60, stats=True)
         text, done = await client.ask("Describe the video.", timeout=60, max_output_tokens=8)
         assert done["response"]["status"] in ("completed", "incomplete") and text
     finally:
