@@ -134,8 +134,6 @@ class _Turn:
     kind: Literal["frames", "answer"]
     max_tokens: int
     chunks: list[VisualChunk]
-    prompt_tokens: int
-    submitted_at: float
     received: int = 0
     last_token: int | None = None
     stopped: bool = False
@@ -498,7 +496,7 @@ class Session:
                 }
             }
         expanded = self._expanded(ids, visual)
-        turn = _Turn(kind, max_tokens, body_visual, expanded, time.monotonic())
+        turn = _Turn(kind, max_tokens, body_visual)
         if kind == "answer" and self.schedule == "sequential":
             self.perception.pause()
         assert self._inputs is not None and self._outputs is not None
