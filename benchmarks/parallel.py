@@ -42,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -51,10 +53,6 @@ QUESTIONS = [
     "Is anyone moving? Answer in detail.",
     "Summarise the scene so far.",
 ]
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def med(values: list[float]) -> float:

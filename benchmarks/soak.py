@@ -43,6 +43,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from runtime import Runtime  # noqa: E402
 
 QUESTIONS = [
@@ -56,10 +58,6 @@ QUESTIONS = [
 QUESTION_TOKENS = 16
 STEP_TIMEOUT_S = 120.0  # one frame not ingested in this long: the session is stuck, stop
 MB = 1024 * 1024
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- the synthetic camera ------------------------------------------------------------------------

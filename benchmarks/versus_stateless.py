@@ -51,6 +51,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from client import remote  # noqa: E402
 from streams import pattern  # noqa: E402
 
@@ -75,10 +77,6 @@ VLLM_CLI = (
     "from vllm.entrypoints.cli.main import main\n"
     "main()\n"
 )
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- the synthetic camera ---------------------------------------------------------------------------
