@@ -37,7 +37,7 @@ test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -p no:cacheprovider -ra
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -ra -m "not engine and not browser"
+	$(BIN)/python -m pytest -p no:cacheprovider -ra -m "not engine and not browser and not training"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/parallel.py

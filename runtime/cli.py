@@ -81,14 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the realtime server (WebSocket, WebRTC, demo page)")
     opt = _EnvDefaults(serve)
     opt.add(
-        "--model", metavar="PATH", help="local Qwen2-VL / Qwen2.5-VL checkpoint; default: built-in tiny model"
+        "--model",
+        metavar="PATH",
+        help="local Qwen2-VL / Qwen2.5-VL checkpoint; default: the built-in watching model",
     )
-    opt.add("--arch", choices=ARCHES, default="qwen2-vl", help="architecture of the built-in tiny model")
+    opt.add("--arch", choices=ARCHES, help="serve a random-weight tiny model of this architecture instead")
     opt.add("--host", default="127.0.0.1", help="address to bind")
     opt.add("--port", type=_port, default=8000, help="TCP port (0 picks a free one)")
     opt.add("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
     opt.add(
-        "--positions", choices=tuple(positional.SCHEMES), default="group-decoupled", help="position scheme"
+        "--positions",
+        choices=tuple(positional.SCHEMES),
+        help="position scheme; default: the one the checkpoint was fine-tuned for (sequential if stock)",
     )
     opt.add("--schedule", choices=SCHEDULES, default="parallel", help="default schedule of new sessions")
     opt.add("--max-sessions", type=_positive(int), default=16, help="realtime sessions at once")
@@ -105,14 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(env_errors=opt.errors)
 
+    from runtime.tiny_model import SIZES, VOCABS
+
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint (tests, demos)")
     tiny.add_argument("directory", metavar="DIR")
     tiny.add_argument("--arch", choices=ARCHES, default="qwen2-vl")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--vocab",
+        choices=VOCABS,
+        default="qwen",
+        help="qwen: Qwen's special-token ids; task: a small vocabulary",
+    )
+    tiny.add_argument("--size", choices=tuple(SIZES), default="tiny", help="widths and depths")
 
     commands.add_parser(
         "chat", help="terminal chat with a running server (speakwatch chat --help)", add_help=False
     )
+    from runtime.training.cli import add_finetune_parser
+
+    add_finetune_parser(commands)
     return parser
 
 
@@ -127,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "make-tiny-model":
         return make_tiny_model(args)
+    if args.command == "finetune":
+        from runtime.training.cli import run_finetune
+
+        return run_finetune(args, parser)
     if args.env_errors:
         parser.error("; ".join(args.env_errors))
     try:
@@ -141,7 +161,7 @@ def make_tiny_model(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
 
     print(f"writing a tiny {args.arch} checkpoint to {args.directory} ...", file=out, flush=True)
-    path = make(args.directory, arch=args.arch, seed=args.seed)
+    path = make(args.directory, arch=args.arch, seed=args.seed, vocab=args.vocab, size=args.size)
     print(f"done: {path}", file=out, flush=True)
     return 0
 
@@ -212,9 +232,15 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     port = runner.addresses[0][1] if runner.addresses else args.port
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    model = args.model or f"the built-in tiny {args.arch} model (random weights: its answers are noise)"
+    if args.model:
+        model = args.model
+    elif args.arch:
+        model = f"the random-weight tiny {args.arch} model (its answers are noise)"
+    else:
+        model = "the built-in watching model (tiny Qwen2-VL fine-tuned on the synthetic shapes task)"
     _say(f"listening on {url} (/health answers 503 until the engine is ready)")
-    _say(f"loading {model}; positions {args.positions}, schedule {args.schedule}")
+    positions = args.positions or "the checkpoint's own"
+    _say(f"loading {model}; positions {positions}, schedule {args.schedule}")
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

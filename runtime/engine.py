@@ -35,6 +35,39 @@ class ModelInfo:
     temporal_patch_size: int
     tokens_per_second: float
     chat: ChatFormat
+    trained_for: dict[str, Any] | None = None  # config.json's "speakwatch" record (`speakwatch finetune`)
+
+    @property
+    def default_positions(self) -> str:
+        """The scheme the checkpoint was fine-tuned for; stock checkpoints know only native numbering."""
+        record = self.trained_for or {}
+        scheme = record.get("positions")
+        return scheme if scheme in positional.SCHEMES else "sequential"
+
+    @property
+    def trained_turn_tokens(self) -> int | None:
+        value = (self.trained_for or {}).get("turn_tokens")
+        return int(value) if isinstance(value, int) and value >= 1 else None
+
+    def positions_for(self, requested: str | None) -> str:
+        """The scheme to serve: ``requested``, or the checkpoint's own; warns when they differ."""
+        scheme = requested or self.default_positions
+        if scheme not in positional.SCHEMES:
+            raise ValueError(
+                f"unknown position scheme {scheme!r}; choose one of {', '.join(positional.SCHEMES)}"
+            )
+        if scheme != self.default_positions:
+            trained = "was fine-tuned for" if self.trained_for else "is a stock checkpoint, trained with"
+            log.warning(
+                "serving %s with %s positions, but it %s %s positions: expect worse answers "
+                "(fine-tune it for %s with `speakwatch finetune`)",
+                self.path,
+                scheme,
+                trained,
+                self.default_positions,
+                scheme,
+            )
+        return scheme
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelInfo:
@@ -62,6 +95,7 @@ class ModelInfo:
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
             tokens_per_second=float(vision.get("tokens_per_second", 1.0)),
             chat=ChatFormat.from_pretrained(path),
+            trained_for=config.get("speakwatch") if isinstance(config.get("speakwatch"), dict) else None,
         )
 
 
@@ -69,7 +103,7 @@ class ModelInfo:
 class EngineOptions:
     """Engine settings that matter for a speakwatch server; ``extra`` passes anything else to vLLM."""
 
-    positions: str = "group-decoupled"
+    positions: str | None = None  # None: the scheme the checkpoint was trained for (sequential if stock)
     gap: int = positional.DEFAULT_GAP
     max_model_len: int = 8192
     kv_cache_gb: float = 1.0
@@ -82,7 +116,7 @@ class EngineOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.positions not in positional.SCHEMES:
+        if self.positions is not None and self.positions not in positional.SCHEMES:
             raise ValueError(
                 f"unknown position scheme {self.positions!r}; choose one of {', '.join(positional.SCHEMES)}"
             )
@@ -98,6 +132,10 @@ def engine_args(info: ModelInfo, options: EngineOptions):
 
     from runtime.vllm_models import MODEL_CLASS_OVERRIDES
 
+    if options.positions is None:
+        raise ValueError(
+            "EngineOptions.positions must be resolved (ModelInfo.positions_for) before the engine starts"
+        )
     hf_overrides = {
         "speakwatch_positions": options.positions,
         "speakwatch_gap": options.gap,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.engine import ModelInfo
+from runtime.layout import GridTokens
 from streams.frame import Frame
 
 DEFAULT_PIXEL_BUDGET = 448 * 448
@@ -27,7 +28,7 @@ MIN_PIXELS = 56 * 56
 
 
 @dataclass(frozen=True)
-class VisualChunk:
+class VisualChunk(GridTokens):
     """One visual item ready for vLLM: embeddings in the language model's space, and its grid.
 
     ``grid`` is (t, h, w) in patches before the spatial merge, as vLLM's ``image_grid_thw``;
@@ -41,16 +42,6 @@ class VisualChunk:
     arrivals: tuple[float, ...]
     indices: tuple[int, ...]
     encoded_at: float
-
-    @property
-    def n_tokens(self) -> int:
-        t, h, w = self.grid
-        return t * h * w // (self.merge * self.merge)
-
-    @property
-    def merged_grid(self) -> tuple[int, int, int]:
-        t, h, w = self.grid
-        return t, h // self.merge, w // self.merge
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -93,6 +84,89 @@ def check_frame(frame: object) -> np.ndarray:
     return frame
 
 
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Qwen's preprocessing of a checkpoint: resize rule, normalisation and patch layout.
+
+    The runtime's encoder and the trainer both cut frames into patches here, so a model is
+    trained on exactly the pixels it is served with.
+    """
+
+    patch: int
+    merge: int
+    temporal_patch: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def from_checkpoint(cls, info: ModelInfo, pixel_budget: int | None = None) -> FrameGeometry:
+        pre = _read_json(info.path / "preprocessor_config.json")
+        model_max = int(
+            pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or DEFAULT_PIXEL_BUDGET
+        )
+        max_pixels = int(pixel_budget or min(model_max, DEFAULT_PIXEL_BUDGET))
+        return cls(
+            patch=info.patch_size,
+            merge=info.spatial_merge_size,
+            temporal_patch=info.temporal_patch_size,
+            mean=tuple(pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073])),  # type: ignore[arg-type]
+            std=tuple(pre.get("image_std", [0.26862954, 0.26130258, 0.27577711])),  # type: ignore[arg-type]
+            min_pixels=min(MIN_PIXELS, max_pixels),
+            max_pixels=max_pixels,
+        )
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+
+    def patchify(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Resize, normalise and cut frames into flat patches (seq, C*tp*p*p), as Qwen's processor does.
+
+        One or ``temporal_patch`` frames make one temporal patch (a single frame is repeated).
+        """
+        from PIL import Image
+
+        if not 1 <= len(frames) <= self.temporal_patch:
+            raise ValueError(f"a visual chunk takes 1..{self.temporal_patch} frames, got {len(frames)}")
+        height, width = self.target_size(*frames[0].shape[:2])
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        planes = []
+        for rgb in frames:
+            if rgb.shape[:2] != (height, width):
+                rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))
+            x = (rgb.astype(np.float32) / 255.0 - mean) / std
+            planes.append(x.transpose(2, 0, 1))  # C, H, W
+        while len(planes) < self.temporal_patch:
+            planes.append(planes[-1])
+        video = np.stack(planes)  # T, C, H, W
+        p, m, tp = self.patch, self.merge, self.temporal_patch
+        gh, gw = height // p, width // p
+        x = video.reshape(1, tp, 3, gh // m, m, p, gw // m, m, p)
+        # -> (t, gh/m, gw/m, m, m, C, tp, p, p): merged-cell-major order, as the vision tower expects
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return np.ascontiguousarray(x.reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
+
+
+def vision_tower_class(architecture: str) -> type:
+    """The Hugging Face vision tower class of a supported architecture."""
+    if architecture == "Qwen2_5_VLForConditionalGeneration":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return Qwen2VisionTransformerPretrainedModel
+
+
+def merged_embeddings(output: object) -> object:
+    """The merged (language-model space) embeddings from a vision tower's forward output."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
 class VisionEncoder:
     """The checkpoint's vision tower (weights loaded alone) and Qwen's preprocessing.
 
@@ -104,31 +178,20 @@ class VisionEncoder:
         import transformers
 
         self.info = info
+        self.geometry = FrameGeometry.from_checkpoint(info, pixel_budget)
         self.merge = info.spatial_merge_size
         self.patch = info.patch_size
         self.temporal_patch = info.temporal_patch_size
-        pre = _read_json(info.path / "preprocessor_config.json")
-        self.mean = np.asarray(pre.get("image_mean", [0.48145466, 0.4578275, 0.40821073]), dtype=np.float32)
-        self.std = np.asarray(pre.get("image_std", [0.26862954, 0.26130258, 0.27577711]), dtype=np.float32)
-        model_max = int(
-            pre.get("max_pixels") or (pre.get("size") or {}).get("longest_edge") or DEFAULT_PIXEL_BUDGET
-        )
-        self.max_pixels = int(pixel_budget or min(model_max, DEFAULT_PIXEL_BUDGET))
-        self.min_pixels = min(MIN_PIXELS, self.max_pixels)
+        self.max_pixels = self.geometry.max_pixels
+        self.min_pixels = self.geometry.min_pixels
         if threads:
             torch.set_num_threads(threads)
         config = transformers.AutoConfig.from_pretrained(str(info.path))
-        if info.architecture == "Qwen2_5_VLForConditionalGeneration":
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-                Qwen2_5_VisionTransformerPretrainedModel as VisionModel,
-            )
-        else:
-            from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-                Qwen2VisionTransformerPretrainedModel as VisionModel,
-            )
         vision_config = config.vision_config
         vision_config._attn_implementation = "sdpa"
-        self.model = VisionModel._from_config(vision_config, dtype=torch.float32).eval()
+        self.model = (
+            vision_tower_class(info.architecture)._from_config(vision_config, dtype=torch.float32).eval()
+        )
         state = _load_vision_weights(info.path)
         missing, _unexpected = self.model.load_state_dict(state, strict=False)
         if missing:
@@ -136,33 +199,10 @@ class VisionEncoder:
         self._torch = torch
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return self.geometry.target_size(height, width)
 
     def patchify(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """Resize, normalise and cut frames into flat patches (seq, C*tp*p*p), as Qwen's processor does.
-
-        One or ``temporal_patch_size`` frames make one temporal patch (a single frame is repeated).
-        """
-        from PIL import Image
-
-        if not 1 <= len(frames) <= self.temporal_patch:
-            raise ValueError(f"a visual chunk takes 1..{self.temporal_patch} frames, got {len(frames)}")
-        height, width = self.target_size(*frames[0].shape[:2])
-        planes = []
-        for rgb in frames:
-            if rgb.shape[:2] != (height, width):
-                rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BICUBIC))
-            x = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
-            planes.append(x.transpose(2, 0, 1))  # C, H, W
-        while len(planes) < self.temporal_patch:
-            planes.append(planes[-1])
-        video = np.stack(planes)  # T, C, H, W
-        p, m, tp = self.patch, self.merge, self.temporal_patch
-        gh, gw = height // p, width // p
-        x = video.reshape(1, tp, 3, gh // m, m, p, gw // m, m, p)
-        # -> (t, gh/m, gw/m, m, m, C, tp, p, p): merged-cell-major order, as the vision tower expects
-        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return np.ascontiguousarray(x.reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
+        return self.geometry.patchify(frames)
 
     def encode(self, groups: Sequence[Sequence[np.ndarray]]) -> list[tuple[object, tuple[int, int, int]]]:
         """Embeddings (n_tokens, hidden) and grid for each group of frames, in one batched forward."""
@@ -175,8 +215,7 @@ class VisionEncoder:
         with torch.inference_mode():
             pixel_values = torch.from_numpy(np.concatenate(patches))
             grid_thw = torch.tensor(grids, dtype=torch.long)
-            out = self.model(pixel_values, grid_thw=grid_thw)
-            merged = out.pooler_output if hasattr(out, "pooler_output") else out
+            merged = merged_embeddings(self.model(pixel_values, grid_thw=grid_thw))
             sizes = [t * h * w // (self.merge**2) for t, h, w in grids]
             pieces = torch.split(merged.float().contiguous(), sizes)
         return [(piece.clone(), grid) for piece, grid in zip(pieces, grids, strict=True)]
@@ -249,6 +288,7 @@ class Perception:
         self._closed = False
         self.paused = False
         self.encoding = False
+        self._encoding_first = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -267,6 +307,14 @@ class Perception:
     @property
     def pending(self) -> int:
         return len(self.queue)
+
+    def settled(self, before: int) -> bool:
+        """Every frame with an index below ``before`` is encoded (or dropped): none is queued or encoding."""
+        if self.encoding and self._encoding_first < before:
+            return False
+        if len(self.queue) < self.frames_per_chunk:
+            return True  # a lone frame waits for its temporal partner: nothing to wait for yet
+        return not any(frame.index < before for frame in self.queue)
 
     @property
     def busy(self) -> bool:
@@ -292,6 +340,7 @@ class Perception:
                     groups.append([self.queue.popleft() for _ in range(self.frames_per_chunk)])
                 started = time.perf_counter()
                 self.encoding = True
+                self._encoding_first = groups[0][0].index
                 try:
                     results = await loop.run_in_executor(
                         self.executor, self.encoder.encode, [[f.rgb for f in g] for g in groups]

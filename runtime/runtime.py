@@ -18,12 +18,15 @@ from runtime.session import SCHEDULES, Schedule, Session
 
 log = logging.getLogger("speakwatch.runtime")
 
+DEFAULT_TURN_TOKENS = 8
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
     """Session behaviour shared by every session of a runtime (defaults suit the tiny model on CPU)."""
 
-    turn_tokens: int = 8  # K: answer tokens per turn; frames are inserted between turns
+    # K: answer tokens per turn, frames are inserted between turns; None: the checkpoint's trained K, else 8
+    turn_tokens: int | None = None
     max_output_tokens: int = 256
     max_fps: float = 2.0
     frame_queue: int = 8  # unencoded frames per session before the oldest are dropped
@@ -39,7 +42,7 @@ class RuntimeSettings:
     memory: MemoryConfig | None = None  # None: defaults for the model size; MemoryConfig(enabled=False): off
 
     def __post_init__(self) -> None:
-        if self.turn_tokens < 1:
+        if self.turn_tokens is not None and self.turn_tokens < 1:
             raise ValueError("turn_tokens must be >= 1")
         if self.max_output_tokens < 1:
             raise ValueError("max_output_tokens must be >= 1")
@@ -50,16 +53,19 @@ class RuntimeSettings:
 class Runtime:
     """The embedded SDK entry point.
 
-    ``async with Runtime() as rt:`` starts the engine (the built-in tiny model when no ``model``
-    is given); ``rt.open_session()`` gives a `Session`.
+    ``async with Runtime() as rt:`` starts the engine; ``rt.open_session()`` gives a `Session`.
+    With no ``model``, the built-in watching checkpoint (a tiny Qwen2-VL fine-tuned on the synthetic
+    seeing task); ``arch="qwen2-vl"`` / ``"qwen2.5-vl"`` instead gives a random-weight tiny checkpoint
+    (every mechanism, noise answers). ``positions=None`` serves the scheme the checkpoint was trained
+    for (``sequential`` for stock checkpoints).
     """
 
     def __init__(
         self,
         model: str | os.PathLike | None = None,
         *,
-        arch: str = "qwen2-vl",
-        positions: str = "group-decoupled",
+        arch: str | None = None,
+        positions: str | None = None,
         schedule: Schedule = "parallel",
         engine_options: EngineOptions | dict[str, Any] | None = None,
         settings: RuntimeSettings | None = None,
@@ -70,11 +76,7 @@ class Runtime:
         if isinstance(engine_options, dict):
             engine_options = EngineOptions(**{"positions": positions, **engine_options})
         self.options = engine_options or EngineOptions(positions=positions)
-        if (
-            engine_options is not None
-            and positions != "group-decoupled"
-            and self.options.positions != positions
-        ):
+        if positions is not None and self.options.positions != positions:
             self.options = replace(self.options, positions=positions)
         self.settings = replace(settings or RuntimeSettings(), **setting_overrides)
         self.model_path = Path(model) if model is not None else None
@@ -90,7 +92,8 @@ class Runtime:
         self._sampling_cache: dict[int, Any] = {}
 
     @property
-    def positions(self) -> str:
+    def positions(self) -> str | None:
+        """The served scheme (None until `start` reads the checkpoint's own, when none was asked for)."""
         return self.options.positions
 
     @property
@@ -105,19 +108,35 @@ class Runtime:
 
     @property
     def model_name(self) -> str:
-        return self.model_path.name if self.model_path else f"speakwatch-tiny-{self.arch}"
+        if self.model_path is not None:
+            return self.model_path.name
+        if self.arch:
+            return f"speakwatch-tiny-{self.arch}"
+        from runtime.training.builtin import ASSET
+
+        return ASSET.name
 
     async def start(self) -> None:
         """Load the model (off the event loop); returns when sessions can be opened."""
         if self.ready:
             return
         started = time.monotonic()
-        if self.model_path is None:
+        if self.model_path is None and self.arch is not None:
             from runtime.tiny_model import default_tiny_model
 
-            log.info("preparing the built-in tiny %s checkpoint", self.arch)
+            log.info("preparing the random-weight tiny %s checkpoint (answers are noise)", self.arch)
             self.model_path = await asyncio.to_thread(default_tiny_model, self.arch)
+        elif self.model_path is None:
+            from runtime.training.builtin import watching_model
+
+            self.model_path = watching_model()
+            log.info("using the built-in watching checkpoint %s", self.model_path)
         self.info = await asyncio.to_thread(ModelInfo.load, self.model_path)
+        self.options = replace(self.options, positions=self.info.positions_for(self.options.positions))
+        if self.settings.turn_tokens is None:
+            self.settings = replace(
+                self.settings, turn_tokens=self.info.trained_turn_tokens or DEFAULT_TURN_TOKENS
+            )
         log.info("loading the vision encoder from %s", self.model_path)
         from runtime.perception import VisionEncoder
 

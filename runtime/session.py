@@ -12,7 +12,6 @@ sampled token is ignored).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -23,7 +22,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from runtime import layout
 from runtime.errors import ResponseActive, SessionClosed
+from runtime.layout import Piece
 from runtime.memory import MemoryConfig
 from runtime.perception import Perception, VisualChunk, check_frame
 from runtime.rollover import SessionMemory
@@ -93,7 +94,10 @@ class Response:
 
     async def _iterate(self) -> AsyncIterator[str]:
         while True:
-            item = await self._deltas.get()
+            if self._done.is_set() and self._deltas.empty():
+                item = _END  # iterated (or read) before: it has ended
+            else:
+                item = await self._deltas.get()
             if item is _END:
                 if self.status == "failed":
                     raise RuntimeError(f"response failed: {self.error}")
@@ -125,6 +129,7 @@ class _Question:
     text: str
     images: list[VisualChunk]
     instructions: str | None
+    frames_before: int  # frames pushed before the question (indices below this): it sees them
 
 
 @dataclass
@@ -181,9 +186,9 @@ class Session:
         self._wake = asyncio.Event()
         self._closed = False
         self._last_frame_ts: float | None = None
-        self._frame_clock = itertools.count()
-        self._carry: list[int] = self.chat.turn("system", instructions) if instructions else []
-        self._carry_visual: list[VisualChunk] = []
+        self._next_frame_index = 0
+        # pieces that must open the next chunk (the system turn, the end of the previous answer)
+        self._carry: list[Piece] = layout.system_turn(self.chat, instructions) if instructions else []
         settings = runtime.settings
         self.memory = SessionMemory(
             settings.memory or MemoryConfig.for_hidden_size(runtime.info.hidden_size),
@@ -224,7 +229,8 @@ class Session:
             self.counters.frames_dropped_rate += 1
             return False
         self._last_frame_ts = ts
-        self.perception.submit(Frame(rgb=rgb, timestamp=ts, arrival=now, index=next(self._frame_clock)))
+        index, self._next_frame_index = self._next_frame_index, self._next_frame_index + 1
+        self.perception.submit(Frame(rgb=rgb, timestamp=ts, arrival=now, index=index))
         return True
 
     def ask(
@@ -253,7 +259,7 @@ class Session:
         rgb_images = [check_frame(image) for image in images]
         response = Response("resp_" + uuid.uuid4().hex[:16], max_tokens)
         self._response = response
-        question = _Question(response, text, [], instructions)
+        question = _Question(response, text, [], instructions, self._next_frame_index)
         if rgb_images:
             asyncio.get_running_loop().create_task(self._encode_images(question, rgb_images))
         else:
@@ -288,7 +294,7 @@ class Session:
             self.max_fps = max_fps
         if instructions is not None and instructions != self.instructions:
             self.instructions = instructions
-            self._carry.extend(self.chat.turn("system", instructions))
+            self._carry.extend(layout.system_turn(self.chat, instructions))
 
     def stats(self) -> dict:
         c = self.counters
@@ -412,16 +418,17 @@ class Session:
             taken.append(self._ready.popleft())
         return taken
 
-    def _plan_turn(self) -> tuple[str, list[int], list[VisualChunk], int] | None:
-        """Decide the next chunk body: (kind, token ids, its visual items in order, max_tokens).
+    def _plan_turn(self) -> tuple[str, list[Piece], int] | None:
+        """Decide the next chunk body: (kind, its pieces in KV order, max_tokens).
 
-        The body never includes ``self._carry`` (tokens that must open the next chunk, such as the
-        end of the previous answer); `_run_turn` prepends it, or replaces it on a rollover.
+        The body never includes ``self._carry`` (pieces that must open the next chunk, such as the
+        end of the previous answer); `_run_turn` prepends it, or replaces it on a rollover. Every
+        body is built by `runtime.layout`, the functions the trainer lays its samples out with.
         """
         response = self._response
         turn_tokens = self.runtime.settings.turn_tokens
         if response is not None and self._pending_token is not None and response.cancel_requested:
-            self._carry = [*self._carry, self._pending_token, *self.chat.close_assistant()]
+            self._carry = [*self._carry, *layout.closing(self.chat, self._pending_token)]
             self._pending_token = None
             self._finish_exchange(response)
             self._end_response("cancelled")
@@ -429,65 +436,54 @@ class Session:
         if response is not None and self._pending_token is not None:
             # mid-answer: the re-fed last token goes after any new frames
             visual = self._take_ready() if self.schedule == "parallel" else []
-            ids = [*self._vision_ids(visual), self._pending_token]
             remaining = response.max_tokens - response.usage["output_tokens"]
-            return "answer", ids, visual, min(turn_tokens, remaining)
+            body = layout.answer_chunk(self.chat, visual, self._pending_token)
+            return "answer", body, min(turn_tokens, remaining)
         if self._questions:
-            if self.schedule == "sequential" and self.perception.busy:
-                return None  # the classic cycle: a question waits until queued frames are ingested
+            if not self.perception.settled(self._questions[0].frames_before):
+                # a question sees the frames pushed before it (as the trainer lays samples out),
+                # under both schedules; later frames do not hold it up
+                return None
             if len(self._ready) > self.runtime.settings.max_chunks_per_turn:
                 visual = self._take_ready()  # frames that came before the question go in first
-                return "frames", self._vision_ids(visual), visual, 1
+                return "frames", layout.frames_chunk(self.chat, visual), 1
             question = self._questions.popleft()
             visual = self._take_ready()
-            ids = self._vision_ids(visual)
-            if question.instructions:
-                ids += self.chat.turn("system", question.instructions)
-            ids += self.chat.user_turn_open()
-            ids += self._vision_ids(question.images)
-            ids += self.chat.user_turn_close(question.text)
-            ids += self.chat.assistant_header
+            body = layout.question_chunk(
+                self.chat,
+                question.text,
+                frames=visual,
+                images=question.images,
+                instructions=question.instructions,
+            )
             response = question.response
             response.question = question.text
-            response.usage["input_tokens"] = len(ids) + sum(
-                c.n_tokens - 1 for c in [*visual, *question.images]
-            )
-            return "answer", ids, [*visual, *question.images], min(turn_tokens, response.max_tokens)
+            response.usage["input_tokens"] = layout.token_length(body)
+            return "answer", body, min(turn_tokens, response.max_tokens)
         if self._ready and response is None:
             visual = self._take_ready()
-            return "frames", self._vision_ids(visual), visual, 1
+            return "frames", layout.frames_chunk(self.chat, visual), 1
         return None
 
     _pending_token: int | None = None
 
-    def _vision_ids(self, chunks: Sequence[VisualChunk]) -> list[int]:
-        """Prompt ids of visual items: one placeholder each (vLLM expands it to the item's tokens)."""
-        return [token for _ in chunks for token in self.chat.vision_prompt()]
-
-    @staticmethod
-    def _expanded(ids: Sequence[int], visual: Sequence[VisualChunk]) -> int:
-        return len(ids) + sum(chunk.n_tokens - 1 for chunk in visual)
-
-    async def _run_turn(
-        self, kind: str, body: list[int], body_visual: list[VisualChunk], max_tokens: int
-    ) -> None:
+    async def _run_turn(self, kind: str, body: list[Piece], max_tokens: int) -> None:
         import torch
         from vllm.engine.protocol import StreamingInput
 
-        ids = [*self._carry, *body]
-        visual = [*self._carry_visual, *body_visual]
+        pieces = [*self._carry, *body]
         budget = self.runtime.budget_tokens
         live = self._consumer is not None and not self._consumer.done()
-        if live and self.request_tokens + self._expanded(ids, visual) + max_tokens > budget:
-            prefix, prefix_visual = await self._rollover_prefix(body, body_visual, max_tokens)
-            ids, visual = [*prefix, *body], [*prefix_visual, *body_visual]
+        if live and self.request_tokens + layout.token_length(pieces) + max_tokens > budget:
+            pieces = [*await self._rollover_prefix(body, max_tokens), *body]
             await self._start_request(replace_live=True)
             self.counters.rollovers += 1
         else:
             await self._ensure_request()
-        self._carry, self._carry_visual = [], []
+        self._carry = []
         self._pending_token = None
-        prompt: dict = {"prompt_token_ids": ids}
+        visual: list[VisualChunk] = layout.visual_items(pieces)  # type: ignore[assignment]
+        prompt: dict = {"prompt_token_ids": layout.prompt_ids(self.chat, pieces)}
         if visual:
             prompt["multi_modal_data"] = {
                 "image": {
@@ -495,8 +491,8 @@ class Session:
                     "image_grid_thw": torch.tensor([c.grid for c in visual], dtype=torch.long),
                 }
             }
-        expanded = self._expanded(ids, visual)
-        turn = _Turn(kind, max_tokens, body_visual)
+        expanded = layout.token_length(pieces)
+        turn = _Turn(kind, max_tokens, layout.visual_items(body))  # type: ignore[arg-type]
         if kind == "answer" and self.schedule == "sequential":
             self.perception.pause()
         assert self._inputs is not None and self._outputs is not None
@@ -535,19 +531,15 @@ class Session:
         if response is not None:
             self._after_answer_turn(response, turn)
 
-    async def _rollover_prefix(
-        self, body: list[int], body_visual: list[VisualChunk], max_tokens: int
-    ) -> tuple[list[int], list[VisualChunk]]:
+    async def _rollover_prefix(self, body: list[Piece], max_tokens: int) -> list[Piece]:
         """[system][memory][window][dialogue][the answer in flight], trimmed to fit the budget."""
         loop = asyncio.get_running_loop()
         memory = self.memory
         memory_chunk = await loop.run_in_executor(self.runtime.executor, memory.memory_chunk)
-        head: list[int] = self.chat.turn("system", self.instructions) if self.instructions else []
-        head_visual: list[VisualChunk] = []
+        head: list[Piece] = layout.system_turn(self.chat, self.instructions) if self.instructions else []
         if memory_chunk is not None:
-            head += self._vision_ids([memory_chunk])
-            head_visual.append(memory_chunk)
-        tail: list[int] = []
+            head += layout.frames_chunk(self.chat, [memory_chunk])
+        tail: list[Piece] = []
         response = self._response
         if response is not None and self._pending_token is not None:  # an answer in flight continues
             tail = [
@@ -559,28 +551,27 @@ class Session:
         exchanges = list(memory.dialogue)
         budget = self.runtime.budget_tokens
 
-        def build() -> tuple[list[int], list[VisualChunk]]:
-            ids = list(head) + self._vision_ids(window)
+        def build() -> list[Piece]:
+            pieces = [*head, *layout.frames_chunk(self.chat, window)]
             for exchange in exchanges:
-                ids += self.chat.turn("user", exchange.question)
-                ids += [*self.chat.assistant_header, *exchange.answer_ids, *self.chat.close_assistant()]
-            return ids + tail, [*head_visual, *window]
+                pieces += layout.dialogue_turn(self.chat, exchange.question, exchange.answer_ids)
+            return pieces + tail
 
         def total() -> int:
-            return self._expanded(ids, visual) + self._expanded(body, body_visual) + max_tokens
+            return layout.token_length(pieces) + layout.token_length(body) + max_tokens
 
-        ids, visual = build()
+        pieces = build()
         while exchanges and total() > budget:
             exchanges.pop(0)
-            ids, visual = build()
+            pieces = build()
         while window and total() > budget:
             window.pop(0)
-            ids, visual = build()
+            pieces = build()
         if total() > budget:
             raise RuntimeError(
                 f"session budget of {budget} tokens is too small for the system prompt, memory and this turn"
             )
-        return ids, visual
+        return pieces
 
     def _ingested(self, turn: _Turn, response: Response | None) -> None:
         now = time.monotonic()
@@ -614,17 +605,13 @@ class Session:
         ):
             self._finish_exchange(response)
         if turn.stopped:
-            self._carry = self.chat.close_assistant()  # the sampled <|im_end|> has no KV: re-feed it
+            self._carry = layout.closing(self.chat, None)  # the sampled <|im_end|> has no KV: re-feed it
             self._end_response("cancelled" if response.cancel_requested else "completed")
         elif response.cancel_requested:
-            self._carry = (
-                [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
-            )
+            self._carry = layout.closing(self.chat, turn.last_token) if turn.last_token is not None else []
             self._end_response("cancelled")
         elif response.usage["output_tokens"] >= response.max_tokens:
-            self._carry = (
-                [turn.last_token, *self.chat.close_assistant()] if turn.last_token is not None else []
-            )
+            self._carry = layout.closing(self.chat, turn.last_token) if turn.last_token is not None else []
             self._end_response("incomplete")
         else:
             self._pending_token = turn.last_token

@@ -13,76 +13,13 @@ The scheme reaches the engine process through the model config (``hf_overrides``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 import positional
-from positional import Segment
-
-OVERRIDE_KEYS = ("speakwatch_positions", "speakwatch_gap", "speakwatch_assistant_header", "speakwatch_im_end")
-
-
-def classify_tokens(
-    input_tokens: Sequence[int],
-    vision_items: Sequence[tuple[int, int, int, int]],
-    *,
-    assistant_header: Sequence[int],
-    im_end: int,
-    vision_markers: Sequence[int],
-) -> list[Segment]:
-    """Turn a prompt's token ids and visual placeholder ranges into position segments.
-
-    ``vision_items`` are ``(offset, t, h, w)`` with the merged grid; the item covers t*h*w ids from
-    ``offset``. Assistant spans run from the chat template's header to ``<|im_end|>`` inclusive
-    and are output; vision markers are input wherever they occur.
-    """
-    segments: list[Segment] = []
-    header = list(assistant_header)
-    markers = set(vision_markers)
-    items = sorted(vision_items)
-
-    def push(kind: str, n: int) -> None:
-        if segments and segments[-1][0] == kind and kind != "vision":
-            segments[-1] = (kind, segments[-1][1] + n)  # type: ignore[operator]
-        else:
-            segments.append((kind, n))
-
-    in_output = False
-    i = 0
-    item_index = 0
-    length = len(input_tokens)
-    while i < length:
-        if item_index < len(items) and items[item_index][0] == i:
-            _, t, h, w = items[item_index]
-            segments.append(("vision", (t, h, w)))
-            i += t * h * w
-            item_index += 1
-            continue
-        token = input_tokens[i]
-        if (
-            not in_output
-            and header
-            and token == header[0]
-            and list(input_tokens[i : i + len(header)]) == header
-        ):
-            push("output", len(header))
-            i += len(header)
-            in_output = True
-            continue
-        if token in markers:
-            push("input", 1)
-        elif in_output:
-            push("output", 1)
-            if token == im_end:
-                in_output = False
-        else:
-            push("input", 1)
-        i += 1
-    return segments
+from runtime.layout import classify_tokens
 
 
 class SchemePositionsMixin:

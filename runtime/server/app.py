@@ -107,8 +107,10 @@ class RealtimeServer:
         return str(getattr(self.runtime, "model_name", None) or "speakwatch")
 
     @property
-    def positions(self) -> str:
-        return str(getattr(self.runtime, "positions", None) or "group-decoupled")
+    def positions(self) -> str | None:
+        """The served scheme; None while loading (the runtime reads it from the checkpoint)."""
+        positions = getattr(self.runtime, "positions", None)
+        return str(positions) if positions else None
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Until the startup has finished; True when the engine is ready."""
@@ -164,13 +166,15 @@ class RealtimeServer:
         check and the registration."""
         if len(self.connections) >= self.config.max_sessions:
             return None
-        session = self.runtime.open_session()
+        session = self.runtime.open_session()  # raises EngineUnavailable while loading
         session.update(max_fps=self.options.defaults.video["max_fps"])  # the session samples at our rate
+        positions = self.positions
+        assert positions is not None, "a started runtime serves a resolved scheme"
         conn = RealtimeConnection(
             session,
             sink,
             model=self.model_name,
-            positions=self.positions,
+            positions=positions,
             options=self.options,
             metrics=self.metrics,
             on_close=self._connection_closed,

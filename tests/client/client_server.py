@@ -3,7 +3,7 @@
 The server runs on its own event loop in its own thread, so blocking tests (the sync SDK, the pty chat,
 Selenium) and async tests alike talk to it over real sockets. By default it serves the fake runtime
 from tests/server (fast, deterministic answers that count frames); set ``SPEAKWATCH_TEST_RUNTIME=engine``
-to serve the real runtime on the built-in tiny model instead, or ``SPEAKWATCH_TEST_URL=http://HOST:PORT``
+to serve the real runtime on the built-in watching model instead, or ``SPEAKWATCH_TEST_URL=http://HOST:PORT``
 to test a server that is already running. Tests that look inside the fake runtime skip themselves
 when ``server.runtime`` is not a fake one.
 """
@@ -32,7 +32,7 @@ ARTIFACTS = ROOT / "artifacts"
 
 
 def build_runtime() -> Any:
-    """The runtime the test server serves: the fake one, or the real one on the tiny model."""
+    """The runtime the test server serves: the fake one, or the real one on the built-in watching model."""
     if os.environ.get("SPEAKWATCH_TEST_RUNTIME", "fake") == "engine":
         from runtime.runtime import Runtime
 

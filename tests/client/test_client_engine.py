@@ -1,4 +1,4 @@
-"""Clients against the real server on the real engine (tiny model).
+"""Clients against the real server on the real engine (the built-in watching model).
 
 The server runs on the test loop beside the shared runtime; blocking browser calls go to a thread
 so the loop keeps serving while Chromium talks to it.
@@ -21,8 +21,20 @@ from test_client_web import CHROMEDRIVER, CHROMIUM, browser, write_y4m  # noqa: 
 import client
 from client.remote import _jpeg_data_url
 from runtime.server.app import SERVER, ServerConfig, create_app
+from runtime.training import scenes
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+
+
+SHOWN = ("green", "triangle")  # what the fake camera of the page test shows
+
+
+@pytest.fixture
+def camera(tmp_path: Path) -> Path:
+    """The page test's fake camera: a green triangle on a noisy grey background."""
+    rng = np.random.default_rng(5)
+    obj = scenes.random_object(rng, color=SHOWN[0], shape=SHOWN[1], aspect=4 / 3)
+    return write_y4m(tmp_path / "scene.y4m", frame=lambda i: scenes.render(obj, 240, 320, rng))
 
 
 @pytest.fixture
@@ -40,12 +52,12 @@ async def real_server(runtime):
         await runner.cleanup()
 
 
-def scripted_frames(n: int) -> list[np.ndarray]:
-    """Frames as the server will see them after the client's JPEG round trip (so both paths match)."""
-    rng = np.random.default_rng(11)
+def scripted_frames(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rendered scenes of a random clip (the shape drifts and changes), each with the frame the server
+    will see after the client's JPEG round trip (so both paths match)."""
+    clip = scenes.random_clip(np.random.default_rng(11), n, height=120, width=160, change_p=0.5)
     frames = []
-    for _ in range(n):
-        rgb = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    for rgb in clip.frames():
         url = _jpeg_data_url(rgb, 80)
         decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
         frames.append((rgb, decoded))
@@ -56,7 +68,7 @@ async def run_conversation(
     session: Any, frames: list[tuple[np.ndarray, np.ndarray]], remote: bool
 ) -> list[str]:
     answers = []
-    for turn, question in enumerate(["What is this?", "And now?"]):
+    for turn, question in enumerate([scenes.QUESTIONS[2], scenes.QUESTIONS[0]]):
         for i, (original, decoded) in enumerate(frames[turn * 2 : turn * 2 + 2]):
             await session.push_frame(original if remote else decoded, timestamp=10.0 * turn + i)
         deadline = asyncio.get_running_loop().time() + 30
@@ -110,7 +122,7 @@ async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, 
         )
 
         def ask() -> None:
-            browser.find_element(By.CSS_SELECTOR, "#question").send_keys("what is on the screen?")
+            browser.find_element(By.CSS_SELECTOR, "#question").send_keys(scenes.QUESTIONS[2])
             browser.find_element(By.CSS_SELECTOR, "#send").click()
 
         await asyncio.to_thread(ask)
@@ -121,7 +133,8 @@ async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, 
 
         await wait_for(lambda: status() in ("completed", "incomplete"), 90, "the streamed answer")
         answer = await asyncio.to_thread(lambda: browser.find_element(By.CSS_SELECTOR, "#answer").text)
-        assert answer.strip()
+        said = scenes.mentions(answer)
+        assert said and said[0][0] == SHOWN[0], f"the page's answer must name the {SHOWN}: {answer!r}"
         assert session.stats()["last_response_status"] in ("completed", "incomplete")
     finally:
         await asyncio.to_thread(browser.save_screenshot, str(artifacts / "client_web_engine.png"))

@@ -28,12 +28,21 @@ pytestmark = [
 ]
 
 
-def write_y4m(path: Path, width: int = 320, height: int = 240, fps: int = 15, seconds: float = 2.0) -> Path:
-    """A YUV4MPEG2 file (I420, BT.601 full range) of the counter pattern, for Chromium's fake camera."""
+def write_y4m(
+    path: Path,
+    width: int = 320,
+    height: int = 240,
+    fps: int = 15,
+    seconds: float = 2.0,
+    frame: Callable[[int], np.ndarray] | None = None,
+) -> Path:
+    """A YUV4MPEG2 file (I420, BT.601 full range) for Chromium's fake camera: ``frame(i)`` (RGB) for
+    each frame, the counter pattern by default."""
+    frame = frame or (lambda counter: pattern.encode(counter, width, height))
     with path.open("wb") as out:
         out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
         for counter in range(int(fps * seconds)):
-            rgb = pattern.encode(counter, width, height).astype(np.float32)
+            rgb = frame(counter).astype(np.float32)
             r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
             y = 0.299 * r + 0.587 * g + 0.114 * b
             u = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
@@ -46,11 +55,16 @@ def write_y4m(path: Path, width: int = 320, height: int = 240, fps: int = 15, se
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
+def camera(tmp_path: Path) -> Path:
+    """What the fake camera shows (a module may override it): the counter pattern."""
+    return write_y4m(tmp_path / "camera.y4m")
+
+
+@pytest.fixture
+def browser(tmp_path: Path, camera: Path) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    camera = write_y4m(tmp_path / "camera.y4m")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (

@@ -1,4 +1,8 @@
-"""Bounded sessions on a real vLLM engine: hundreds of rollovers, within budget, nothing leaked."""
+"""Bounded sessions on a real vLLM engine: hundreds of rollovers, within budget, nothing leaked.
+
+The built-in watching model watches a long rendered clip (one shape drifting, now and then changing)
+and comments on it / answers the task's questions across the rollovers.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,26 @@ import pytest
 
 from runtime import Runtime
 from runtime.memory import MemoryConfig
+from runtime.training import scenes
 
 pytestmark = pytest.mark.engine
 
 BUDGET = 160
+# asked every 150 frames: the commentary runs to max_tokens (rolling over mid-answer), questions complete
+ASKED = (scenes.COMMENTARY, *scenes.QUESTIONS)
 
 
 @pytest.fixture(scope="module")
-async def small_runtime():
-    """A runtime whose sessions roll over every few frames (tiny budget, tiny frames)."""
+async def small_runtime(test_model):
+    """A runtime whose sessions roll over every few frames (tiny budget, tiny frames); the checkpoint's K."""
     rt = Runtime(
+        test_model,
         engine_options={"dtype": "float32", "max_model_len": 1024, "kv_cache_gb": 1.0},
         budget_tokens=BUDGET,
         window_steps=2,
         dialogue_turns=1,
         max_fps=1000.0,
         memory=MemoryConfig(slot_grid=(2, 2), titans_rank=32),
-        turn_tokens=4,
     )
     await rt.start()
     try:
@@ -37,16 +44,15 @@ async def small_runtime():
 async def test_hundreds_of_rollovers_stay_within_budget_and_keep_answering(small_runtime) -> None:
     rt = small_runtime
     engine = rt.engine
-    rng = np.random.default_rng(0)
-    async with rt.open_session(instructions="Watch.") as session:
+    clip = scenes.random_clip(np.random.default_rng(0), 900, height=112, width=112)  # 16 visual tokens
+    async with rt.open_session(instructions="You watch a camera.") as session:
         seen_memory_bytes = set()
         for i in range(900):
-            frame = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)  # 16 visual tokens
-            await session.push_frame(frame, timestamp=i * 0.5)
+            await session.push_frame(clip.frame(i), timestamp=i * 0.5)
             while session.stats()["frames_pending"] > 1:  # accelerated, but without backlog drops
                 await asyncio.sleep(0.005)
             if i % 150 == 149:  # a question now and then, answered across rollovers
-                text = await session.ask("What changed?", max_tokens=24).read()
+                text = await session.ask(ASKED[(i // 150) % len(ASKED)], max_tokens=24).read()
                 assert text.strip()
                 seen_memory_bytes.add(session.stats()["memory_state_bytes"])
             if i % 10 == 0:
@@ -62,6 +68,6 @@ async def test_hundreds_of_rollovers_stay_within_budget_and_keep_answering(small
         assert stats["frames_ingested"] >= 850, str(stats)
         assert len(seen_memory_bytes) == 1, "memory state must not grow with the stream"
         assert stats["memory_surprise"] is not None
-        final = await session.ask("Still watching?", max_tokens=30).read()
+        final = await session.ask(scenes.QUESTIONS[2], max_tokens=30).read()
         assert final.strip()
     assert engine.output_processor.get_num_unfinished_requests() == 0

@@ -8,9 +8,9 @@ import pytest
 import positional
 from runtime.chat import ChatFormat
 from runtime.engine import EngineOptions, ModelInfo
+from runtime.layout import classify_tokens
 from runtime.perception import smart_resize
 from runtime.tiny_model import default_tiny_model
-from runtime.vllm_models import classify_tokens
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,14 @@ def info() -> ModelInfo:
     return ModelInfo.load(default_tiny_model("qwen2-vl"))
 
 
-def test_chat_format_matches_the_chat_template(info: ModelInfo) -> None:
+@pytest.mark.parametrize("checkpoint", ["random", "watching"])
+def test_chat_format_matches_the_chat_template(info: ModelInfo, checkpoint: str) -> None:
     from transformers import AutoTokenizer
+
+    from runtime.training.builtin import watching_model
+
+    if checkpoint == "watching":  # the small vocabulary, its own special ids
+        info = ModelInfo.load(watching_model())
 
     tokenizer = AutoTokenizer.from_pretrained(str(info.path))
     messages = [
@@ -141,3 +147,62 @@ def test_two_frames_make_one_temporal_patch_on_qwen2_5_vl() -> None:
     assert not np.allclose(pair.numpy(), still.numpy()), "the second frame must change the item"
     with pytest.raises(ValueError, match=r"1\.\.2 frames"):
         encoder.patchify([first, second, first])
+
+
+class _SlowEncoder:
+    """Encodes nothing until released, so the test sees frames queued and in flight."""
+
+    merge = 2
+    temporal_patch = 2
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def encode(self, groups):
+        import torch
+
+        self.release.wait(10)
+        return [(torch.zeros(1, 4), (1, 2, 2)) for _ in groups]
+
+
+async def test_perception_settled_tracks_frames_before_a_question() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.perception import Perception
+    from streams.frame import Frame
+
+    encoder = _SlowEncoder()
+    chunks: list = []
+    with ThreadPoolExecutor(1) as executor:
+        perception = Perception(encoder, executor, chunks.extend, queue_size=8)  # type: ignore[arg-type]
+        perception.start()
+        rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+        assert perception.settled(0) and perception.settled(5), "nothing pushed: nothing to wait for"
+        perception.submit(Frame(rgb=rgb, timestamp=0.0, arrival=0.0, index=0))
+        perception.submit(Frame(rgb=rgb, timestamp=0.5, arrival=0.5, index=1))
+        await asyncio.sleep(0.05)  # the first batch is encoding, blocked
+        assert not perception.settled(1), "frame 0 is still encoding"
+        assert perception.settled(0), "a question asked before any frame waits for none"
+        encoder.release.set()
+        async with asyncio.timeout(5):
+            while not perception.settled(2):
+                await asyncio.sleep(0.01)
+        assert sum(1 for _ in chunks) == 2
+        await perception.close()
+
+
+async def test_a_lone_frame_waiting_for_its_temporal_partner_does_not_hold_a_question() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.perception import Perception
+    from streams.frame import Frame
+
+    with ThreadPoolExecutor(1) as executor:
+        perception = Perception(_SlowEncoder(), executor, lambda chunks: None, frames_per_chunk=2)  # type: ignore[arg-type]
+        perception.start()
+        perception.submit(Frame(rgb=np.zeros((4, 4, 3), np.uint8), timestamp=0.0, arrival=0.0, index=0))
+        assert perception.settled(1)
+        await perception.close()

@@ -5,6 +5,10 @@ deterministic text built from it, one word per delta, ``token_delay`` seconds ap
 check that frames and images reached the session. A question containing "forever" gets an endless
 answer (for cancel tests). ``start()`` waits for ``gate`` when the runtime is built with
 ``hold=True``, so tests can watch ``/health`` answer 503 during a "load".
+
+Like ``Runtime``, ``positions`` and ``settings.turn_tokens`` default to None and are resolved by
+``start()`` from the "checkpoint" (``trained_positions`` / ``trained_turn_tokens``, those of the
+built-in watching model unless given).
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import base64
 import io
 import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from runtime.errors import EngineUnavailable, ResponseActive
+from runtime.runtime import RuntimeSettings
 
 _ids = itertools.count(1)
 
@@ -160,7 +165,10 @@ class FakeRuntime:
         self,
         model: str | None = None,
         *,
-        positions: str = "group-decoupled",
+        positions: str | None = None,
+        trained_positions: str = "group-decoupled",
+        trained_turn_tokens: int = 3,
+        turn_tokens: int | None = None,
         schedule: str = "parallel",
         token_delay: float = 0.005,
         hold: bool = False,
@@ -168,7 +176,10 @@ class FakeRuntime:
         **options: Any,
     ) -> None:
         self.model_name = model or "fake-vlm"
-        self.positions = positions
+        self.positions = positions  # None until start(): the checkpoint's own, as in Runtime
+        self.trained_positions = trained_positions
+        self.trained_turn_tokens = trained_turn_tokens
+        self.settings = RuntimeSettings(turn_tokens=turn_tokens)
         self.schedule = schedule
         self.options = options
         self.token_delay = token_delay
@@ -187,6 +198,9 @@ class FakeRuntime:
         await self.gate.wait()
         if self.fail_start:
             raise RuntimeError("no weights here")
+        self.positions = self.positions or self.trained_positions
+        if self.settings.turn_tokens is None:
+            self.settings = replace(self.settings, turn_tokens=self.trained_turn_tokens)
         self.ready = True
 
     async def close(self) -> None:

@@ -22,12 +22,10 @@ def parse(*argv: str):
 def test_serve_defaults_env_fallbacks_and_precedence(monkeypatch) -> None:
     args = parse("serve")
     assert (args.host, args.port, args.api_key, args.model) == ("127.0.0.1", 8000, None, None)
-    assert (args.positions, args.schedule, args.max_sessions, args.arch) == (
-        "group-decoupled",
-        "parallel",
-        16,
-        "qwen2-vl",
-    )
+    # no --arch: the built-in watching model; no --positions: the scheme the checkpoint was trained for
+    assert (args.positions, args.schedule, args.max_sessions, args.arch) == (None, "parallel", 16, None)
+    kwargs = cli.runtime_kwargs(args)
+    assert (kwargs["arch"], kwargs["positions"]) == (None, None)
     monkeypatch.setenv("SPEAKWATCH_PORT", "9001")
     monkeypatch.setenv("SPEAKWATCH_API_KEY", "from-env")
     monkeypatch.setenv("SPEAKWATCH_KV_CACHE_GB", "2.5")
@@ -78,10 +76,13 @@ def test_runtime_and_server_options() -> None:
 def test_make_tiny_model_and_chat_delegate(monkeypatch, tmp_path, capsys) -> None:
     made = []
     monkeypatch.setattr(
-        "runtime.tiny_model.make_tiny_model", lambda d, arch, seed: made.append((d, arch, seed)) or tmp_path
+        "runtime.tiny_model.make_tiny_model",
+        lambda d, arch, seed, **kw: made.append((d, arch, seed, kw)) or tmp_path,
     )
     assert cli.main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen2.5-vl"]) == 0
-    assert made == [(str(tmp_path / "m"), "qwen2.5-vl", 0)]
+    assert made == [(str(tmp_path / "m"), "qwen2.5-vl", 0, {"vocab": "qwen", "size": "tiny"})]
+    assert cli.main(["make-tiny-model", str(tmp_path / "w"), "--vocab", "task", "--size", "watch"]) == 0
+    assert made[-1] == (str(tmp_path / "w"), "qwen2-vl", 0, {"vocab": "task", "size": "watch"})
     assert "done" in capsys.readouterr().out
 
     from client import chat
@@ -94,7 +95,10 @@ def test_make_tiny_model_and_chat_delegate(monkeypatch, tmp_path, capsys) -> Non
 
 async def test_serve_listens_before_the_engine_is_ready(monkeypatch) -> None:
     fake = FakeRuntime(hold=True)
-    monkeypatch.setattr(runtime, "Runtime", lambda model, **kwargs: fake, raising=False)
+    built = []
+    monkeypatch.setattr(
+        runtime, "Runtime", lambda model, **kwargs: built.append((model, kwargs)) or fake, raising=False
+    )
     monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.05)
     said: list[str] = []
     monkeypatch.setattr(cli, "_say", said.append)
@@ -102,6 +106,11 @@ async def test_serve_listens_before_the_engine_is_ready(monkeypatch) -> None:
     serving = asyncio.create_task(cli.serve(parse("serve", "--port", "0", "--api-key", "k"), stop))
     url = (await eventually(lambda: [m for m in said if m.startswith("listening on ")]))[0].split()[2]
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+    ((model, kwargs),) = built
+    assert model is None and kwargs["arch"] is None and kwargs["positions"] is None
+    loading = next(m for m in said if m.startswith("loading "))
+    assert "built-in watching model" in loading and "random" not in loading, loading
+    assert "positions the checkpoint's own" in loading, loading
     async with aiohttp.ClientSession() as http:
         async with http.get(url + "/health") as reply:
             assert reply.status == 503
@@ -119,8 +128,16 @@ async def test_serve_listens_before_the_engine_is_ready(monkeypatch) -> None:
 
 async def test_serve_exits_when_the_engine_fails(monkeypatch) -> None:
     fake = FakeRuntime(fail_start=True)
-    monkeypatch.setattr(runtime, "Runtime", lambda model, **kwargs: fake, raising=False)
+    built = []
+    monkeypatch.setattr(
+        runtime, "Runtime", lambda model, **kwargs: built.append((model, kwargs)) or fake, raising=False
+    )
     said: list[str] = []
     monkeypatch.setattr(cli, "_say", said.append)
-    assert await asyncio.wait_for(cli.serve(parse("serve", "--port", "0")), 10) == 1
+    args = parse("serve", "--port", "0", "--arch", "qwen2.5-vl", "--positions", "sequential")
+    assert await asyncio.wait_for(cli.serve(args), 10) == 1
     assert any("failed to start" in m and "no weights here" in m for m in said)
+    # --arch: the random-weight tiny checkpoint instead of the watching model, said as much
+    assert built[0][1]["arch"] == "qwen2.5-vl" and built[0][1]["positions"] == "sequential"
+    loading = next(m for m in said if m.startswith("loading "))
+    assert "random-weight tiny qwen2.5-vl" in loading and "positions sequential" in loading, loading

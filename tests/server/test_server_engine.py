@@ -1,4 +1,8 @@
-"""The real server on the real engine (tiny model): WebSocket, WebRTC video, cancel, auth."""
+"""The real server on the real engine (the built-in watching model): WebSocket, WebRTC video, cancel, auth.
+
+Frames are rendered scenes of the model's task; a long answer (to cancel, or to disconnect during)
+is the running commentary, which only stops at ``max_output_tokens``; a short one is a task question.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,20 @@ from PIL import Image
 from test_server_webrtc import call
 
 from runtime.server.app import ServerConfig
+from runtime.training import scenes
+from runtime.training.scenes import COMMENTARY, QUESTIONS
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
+WHAT_COLOR, WHAT_SHAPE, WHAT_SEEN = QUESTIONS
+
+
 def jpeg_data_url(seed: int, size: tuple[int, int] = (160, 120)) -> str:
-    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    """A rendered scene (one random shape), ``size`` = (width, height), as a JPEG data URL."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    rgb = scenes.render(scenes.random_object(rng, aspect=width / height), height, width, rng)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG")
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -34,6 +46,26 @@ async def connect(served, key: str = "secret"):
     return await served.connect(headers={"Authorization": f"Bearer {key}"})
 
 
+async def show(client, seed: int) -> None:
+    """One frame into the client's session, waited for until it is in KV (the model answers about it)."""
+    seen = max((event.get("ingested", 0) for event in client.stats), default=0)
+    await client.send({"type": "input_video.append", "image": jpeg_data_url(seed), "timestamp_ms": 0})
+    async with asyncio.timeout(60):
+        while not any(event.get("ingested", 0) > seen for event in client.stats):
+            await client.recv(timeout=60, stats=True)
+
+
+async def start_commentary(client, max_output_tokens: int = 200) -> None:
+    """Ask for the running commentary and wait for its first delta (it will not end by itself)."""
+    content = [{"type": "input_text", "text": COMMENTARY}]
+    await client.send(
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": content}}
+    )
+    await client.until("conversation.item.done", 30)
+    await client.send({"type": "response.create", "response": {"max_output_tokens": max_output_tokens}})
+    await client.until("response.output_text.delta", timeout=30)
+
+
 async def test_websocket_session_watches_and_answers(served) -> None:
     client = await connect(served)
     created = await client.recv()
@@ -42,7 +74,7 @@ async def test_websocket_session_watches_and_answers(served) -> None:
     await client.until("session.updated", 30)
     for i in range(3):
         await client.send({"type": "input_video.append", "image": jpeg_data_url(i), "timestamp_ms": i * 500})
-    text, done = await client.ask("What do you see?", timeout=60, max_output_tokens=12)
+    text, done = await client.ask(WHAT_SEEN, timeout=60, max_output_tokens=12)
     assert done["response"]["status"] in ("completed", "incomplete")
     assert text.strip()
     assert done["response"]["usage"]["output_tokens"] > 0
@@ -64,7 +96,7 @@ async def test_webrtc_video_attached_to_a_websocket_session_is_ingested(served) 
         async with asyncio.timeout(60):
             while not any(event.get("ingested", 0) >= 3 for event in client.stats):
                 await client.recv(timeout=60, stats=True)
-        text, done = await client.ask("Describe the video.", timeout=60, max_output_tokens=8)
+        text, done = await client.ask(WHAT_SEEN, timeout=60, max_output_tokens=8)
         assert done["response"]["status"] in ("completed", "incomplete") and text
     finally:
         await rtc.close()
@@ -75,26 +107,16 @@ async def test_cancel_and_a_second_session_in_parallel(served) -> None:
     first, second = await connect(served), await connect(served)
     await first.recv()
     await second.recv()
-    await first.send(
-        {
-            "type": "conversation.item.create",
-            "item": {
-                "type": "message",
-                "role": "user",
-                "content": [{"type": "input_text", "text": "Go on."}],
-            },
-        }
-    )
-    await first.until("conversation.item.done", 30)
-    await first.send({"type": "response.create", "response": {"max_output_tokens": 200}})
-    await first.until("response.output_text.delta", timeout=30)
-    answer_task = asyncio.create_task(second.ask("Quick one?", timeout=60, max_output_tokens=6))
+    await show(first, seed=1)
+    await show(second, seed=2)
+    await start_commentary(first)
+    answer_task = asyncio.create_task(second.ask(WHAT_COLOR, timeout=60, max_output_tokens=8))
     await first.send({"type": "response.cancel"})
     events = await first.until("response.done", timeout=30)
     assert events[-1]["response"]["status"] == "cancelled"
     text, done = await answer_task
     assert text and done["response"]["status"] in ("completed", "incomplete")
-    again, done = await first.ask("After cancel?", timeout=60, max_output_tokens=4)
+    again, done = await first.ask(WHAT_SHAPE, timeout=60, max_output_tokens=8)
     assert again and done["response"]["status"] in ("completed", "incomplete")
     await first.close()
     await second.close()
@@ -113,15 +135,8 @@ async def test_wrong_api_key_is_refused(served) -> None:
 async def test_disconnect_frees_the_session(served, runtime) -> None:
     client = await connect(served)
     await client.recv()
-    await client.send(
-        {
-            "type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Long."}]},
-        }
-    )
-    await client.until("conversation.item.done", 30)
-    await client.send({"type": "response.create", "response": {"max_output_tokens": 200}})
-    await client.until("response.output_text.delta", timeout=30)
+    await show(client, seed=3)
+    await start_commentary(client)
     await client.close()
     async with asyncio.timeout(30):
         while runtime.sessions or runtime.engine.output_processor.get_num_unfinished_requests():

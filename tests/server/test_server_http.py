@@ -28,6 +28,22 @@ async def test_health_is_503_while_loading_then_200(serve) -> None:
     assert runtime.closed
 
 
+async def test_positions_are_the_checkpoints_own_once_started(serve) -> None:
+    """``Runtime(positions=None)`` learns its scheme at start; the server must report that one."""
+    runtime = FakeRuntime(trained_positions="sequential", hold=True)
+    assert runtime.positions is None and runtime.settings.turn_tokens is None
+    served = await serve(runtime=runtime, wait=False)
+    runtime.gate.set()
+    assert await served.server.wait_ready(5)
+    assert runtime.positions == "sequential" and runtime.settings.turn_tokens == 3
+    async with served.http.get(served.url + "/health") as reply:
+        assert (await reply.json())["positions"] == "sequential"
+    client = await served.connect()
+    created = await client.recv()
+    assert created["session"]["video"]["positions"] == "sequential"
+    await client.close()
+
+
 async def test_health_reports_a_failed_start(serve) -> None:
     served = await serve(runtime=FakeRuntime(fail_start=True), wait=False)
     assert not await served.server.wait_ready(5)

@@ -1,0 +1,1 @@
+"""Fine-tuning a tiny vision-language model on synthetic scenes."""
