@@ -27,6 +27,12 @@ def base(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("base") / "tiny", vocab="task", size="tiny")
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """Parameters as transformers names them (the file may use the older key names)."""
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(path))
+    return {name: param.detach() for name, param in model.named_parameters()}
+
+
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, **kwargs)
@@ -47,9 +53,7 @@ def test_torchrun_trains_with_two_cpu_processes(base: Path, tmp_path: Path) -> N
     assert done.stdout.count("step 3/3") == 1, "only rank 0 reports"
     record = json.loads((out / "config.json").read_text())["speakwatch"]
     assert record["positions"] == "gap-isolated" and record["steps"] == 3
-    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(str(out))
-    trained = dict(model.named_parameters())
-    before = load_file(str(base / "model.safetensors"))
+    trained, before = _weights(out), _weights(base)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(trained[key], before[key]), "the language model must have been trained"
 
@@ -63,9 +67,8 @@ def test_lora_merges_into_a_plain_checkpoint(base: Path, tmp_path: Path) -> None
         ]
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    weights = load_file(str(out / "model.safetensors"))
-    assert not any("lora" in key for key in weights), "adapters must be merged before saving"
-    before = load_file(str(base / "model.safetensors"))
+    assert not any("lora" in key for key in load_file(str(out / "model.safetensors"))), "adapters are merged"
+    weights, before = _weights(out), _weights(base)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(weights[key], before[key]), "merged adapters change the base weights"
     vision = "model.visual.blocks.0.attn.qkv.weight"
