@@ -1,4 +1,4 @@
-# speakwatch: `make serve` runs the server on the built-in tiny model; `make test` runs every test.
+# speakwatch: `make serve` runs the server on the built-in watching model; `make test` runs every test.
 # Both create .venv and install the pinned dependency set (requirements/lock.txt) on first use.
 PYTHON ?= python3.11
 VENV := .venv

@@ -159,6 +159,8 @@ async def soak(args: argparse.Namespace) -> Run:
     question_every = max(1, round(args.question_every * 60 * args.fps))  # in steps
     rt = Runtime(
         args.model,
+        arch=None if args.model else "qwen2-vl",  # the random-weight tiny model, as in the runs reported
+        positions=None if args.model else "group-decoupled",
         engine_options={"dtype": "float32", "max_model_len": args.max_model_len, "kv_cache_gb": 1.0},
         budget_tokens=args.budget,
         window_steps=args.window,

@@ -493,6 +493,7 @@ async def run_stateless(
 async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> dict[str, Any]:
     cmd = [
         str(ROOT / ".venv/bin/speakwatch"), "serve", "--port", str(args.port + 1),
+        "--arch", "qwen2-vl", "--positions", "group-decoupled",  # the checkpoint vllm serve gets
         "--max-model-len", str(args.ours_max_model_len), "--kv-cache-gb", "1",
     ]  # fmt: skip
     server = Server("speakwatch", cmd, args.port + 1, logdir)

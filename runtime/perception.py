@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +23,8 @@ import numpy as np
 from runtime.engine import ModelInfo
 from runtime.layout import GridTokens
 from streams.frame import Frame
+
+log = logging.getLogger("speakwatch.perception")
 
 DEFAULT_PIXEL_BUDGET = 448 * 448
 MIN_PIXELS = 56 * 56
@@ -250,6 +253,7 @@ class PerceptionStats:
     received: int = 0
     encoded: int = 0
     dropped: int = 0
+    failed: int = 0  # of the dropped: the encoder raised
     chunks: int = 0
     encode_seconds: float = 0.0
 
@@ -304,10 +308,6 @@ class Perception:
             self.stats.dropped += 1
         self._wake.set()
 
-    @property
-    def pending(self) -> int:
-        return len(self.queue)
-
     def settled(self, before: int) -> bool:
         """Every frame with an index below ``before`` is encoded (or dropped): none is queued or encoding."""
         if self.encoding and self._encoding_first < before:
@@ -315,11 +315,6 @@ class Perception:
         if len(self.queue) < self.frames_per_chunk:
             return True  # a lone frame waits for its temporal partner: nothing to wait for yet
         return not any(frame.index < before for frame in self.queue)
-
-    @property
-    def busy(self) -> bool:
-        """Frames are queued or being encoded."""
-        return bool(self.queue) or self.encoding
 
     def pause(self) -> None:
         """Hold encoding (the sequential schedule's classic cycle: nothing is perceived mid-answer)."""
@@ -345,6 +340,13 @@ class Perception:
                     results = await loop.run_in_executor(
                         self.executor, self.encoder.encode, [[f.rgb for f in g] for g in groups]
                     )
+                except Exception:  # a frame the tower cannot take must not stop perception
+                    log.exception("perception: encoding %d frames failed; they are dropped", len(groups))
+                    self.stats.dropped += sum(len(g) for g in groups)
+                    self.stats.failed += sum(len(g) for g in groups)
+                    if not self._closed:
+                        self.on_chunks([])  # wakes the session: a question may wait for these frames
+                    continue
                 finally:
                     self.encoding = False
                 self.stats.encode_seconds += time.perf_counter() - started

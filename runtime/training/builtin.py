@@ -3,7 +3,7 @@
 `RECIPE` is the whole recipe: `speakwatch finetune --builtin OUT` runs it (the same `finetune`
 every user runs, on a generated random checkpoint), deterministically from its seeds. Its result
 ships with the package (``runtime/assets/watching-qwen2-vl``, a few MB), so first use costs
-nothing; tests/training/test_builtin.py trains a smaller run of it from scratch to a stated
+nothing; tests/training/test_builtin_training.py trains a smaller run of it from scratch to a stated
 accuracy, so the training path is never dead.
 
 Departures from the paper's recipe, all for a model trained from random weights on 2 CPU cores:
@@ -14,13 +14,13 @@ number of steps on freshly drawn synthetic streams instead of one epoch of a dat
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from runtime.training.finetune import FinetuneConfig, finetune
+if TYPE_CHECKING:  # finetune imports torch: keep `watching_model` cheap for the runtime's event loop
+    from runtime.training.finetune import FinetuneConfig
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "watching-qwen2-vl"
 BASE = {"arch": "qwen2-vl", "seed": 0, "vocab": "task", "size": "watch"}
@@ -40,12 +40,15 @@ RECIPE = {
 
 
 def builtin_config(output: str | os.PathLike, base: str | os.PathLike, **overrides: object) -> FinetuneConfig:
+    from runtime.training.finetune import FinetuneConfig
+
     return FinetuneConfig(model=Path(base), output=Path(output), **{**RECIPE, **overrides})  # type: ignore[arg-type]
 
 
 def train_builtin(output: str | os.PathLike, *, out: TextIO | None = None, **overrides: object) -> Path:
     """Generate the random base checkpoint and fine-tune it with `RECIPE` (plus ``overrides``)."""
     from runtime.tiny_model import make_tiny_model
+    from runtime.training.finetune import finetune
 
     with tempfile.TemporaryDirectory(prefix="speakwatch-base-") as tmp:
         base = make_tiny_model(Path(tmp) / "base", **BASE)  # type: ignore[arg-type]
@@ -63,10 +66,3 @@ def watching_model() -> Path:
             "recreate it with `speakwatch finetune --builtin " + str(ASSET) + "`"
         )
     return ASSET
-
-
-def install(source: Path) -> None:
-    """Copy a trained checkpoint into the package as the shipped built-in."""
-    if ASSET.exists():
-        shutil.rmtree(ASSET)
-    shutil.copytree(source, ASSET)

@@ -1,6 +1,6 @@
 """``speakwatch finetune``: the command line of runtime/training/finetune.py.
 
-Every `FinetuneConfig` field is an option (defaults: the paper's recipe). Run it alone, or under a
+Every knob of `FinetuneConfig` is an option (defaults: the paper's recipe). Run it alone, or under a
 launcher for several processes: ``torchrun --nproc-per-node 4 -m runtime.cli finetune ...`` or
 ``accelerate launch -m runtime.cli finetune ...``.
 """
@@ -68,7 +68,7 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--builtin",
         action="store_true",
-        help="reproduce the built-in watching checkpoint (its recipe; MODEL is not given)",
+        help="reproduce the built-in watching checkpoint: its recipe, to OUT (only --threads applies)",
     )
     parser.add_argument(
         "--evaluate",

@@ -177,9 +177,14 @@ class Encoder:
             if self.config.mask == "paper":
                 masks.append(positional.streaming_mask(segments))
         if self.config.mask == "paper":
-            attention_mask = torch.zeros((n, 1, length, length), dtype=torch.bool)
+            allowed = torch.zeros((n, 1, length, length), dtype=torch.bool)
             for b, mask in enumerate(masks):
-                attention_mask[b, 0, : mask.shape[0], : mask.shape[1]] = mask
+                allowed[b, 0, : mask.shape[0], : mask.shape[1]] = mask
+            allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+            # additive: transformers passes a 4-D mask through as is, and eager attention adds it
+            attention_mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+                ~allowed, torch.finfo(torch.float32).min
+            )
         else:
             attention_mask = valid.long()
         patches = [p for _, row_patches in rows for p in row_patches]
@@ -243,6 +248,8 @@ def sample_stream(
         from runtime.training.synthetic import synthetic_sample
 
         total = config.synthetic_samples
+        if total < world:
+            raise ValueError(f"{total} synthetic samples cannot feed {world} processes")
 
         def synthetic(epoch: int = 0) -> Iterator[Sample]:
             for index in range(rank, total, world):
@@ -253,6 +260,8 @@ def sample_stream(
     total = sum(1 for _ in read_jsonl(path))  # every sample is checked before training starts
     if total == 0:
         raise ValueError(f"{path}: no samples (a JSONL file, one sample per line)")
+    if total < world:
+        raise ValueError(f"{path}: {total} samples cannot feed {world} processes")
 
     def from_file(epoch: int = 0) -> Iterator[Sample]:
         order = np.random.default_rng([config.seed, epoch]).permutation(total)
@@ -285,23 +294,34 @@ def _trainable(model, config: FinetuneConfig) -> None:
 
 
 def finetune(config: FinetuneConfig, out: TextIO | None = None) -> TrainResult:
-    """Run the training described by ``config``; rank 0 writes the checkpoint to ``config.output``."""
+    """Run the training described by ``config``; rank 0 writes the checkpoint to ``config.output``.
+
+    Under a launcher (``WORLD_SIZE`` > 1) the process group is set up here (NCCL on GPUs, gloo on
+    CPU) and always torn down, also when the run fails.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owned = world > 1 and not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return _train(config, out or sys.stdout, world)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: FinetuneConfig, out: TextIO, world: int) -> TrainResult:
     import torch.distributed as dist
     import transformers
 
-    out = out or sys.stdout
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
     device = torch.device("cpu")
-    if distributed and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        if use_cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -316,8 +336,6 @@ def finetune(config: FinetuneConfig, out: TextIO | None = None) -> TrainResult:
     model_class = getattr(transformers, info.architecture)
     say(f"loading {config.model} ({info.architecture}) ...")
     model = model_class.from_pretrained(str(config.model), dtype=dtype, attn_implementation="sdpa")
-    if config.mask == "paper":
-        model.set_attn_implementation("eager")
     _trainable(model, config)
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -333,6 +351,9 @@ def finetune(config: FinetuneConfig, out: TextIO | None = None) -> TrainResult:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: enable train_llm, train_merger, train_vision or lora")
     loss_module = StreamingLoss(model)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -340,9 +361,6 @@ def finetune(config: FinetuneConfig, out: TextIO | None = None) -> TrainResult:
         ddp = DistributedDataParallel(loss_module, find_unused_parameters=True)
     else:
         ddp = loss_module
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: enable train_llm, train_merger, train_vision or lora")
     n_params = sum(p.numel() for p in params)
     accumulation = max(1, config.effective_batch // (config.per_device_batch * world))
     stream, epoch_samples = sample_stream(config, rank, world)
@@ -414,7 +432,6 @@ def finetune(config: FinetuneConfig, out: TextIO | None = None) -> TrainResult:
         say(f"wrote {config.output}")
     if distributed:
         dist.barrier()
-        dist.destroy_process_group()
     return TrainResult(config.output, steps, losses, time.monotonic() - started)
 
 
@@ -422,7 +439,7 @@ def _trainable_after_lora(model, config: FinetuneConfig) -> None:
     """peft freezes every base weight; the merger (and the tower if asked) stay trained in full."""
     for name, param in model.named_parameters():
         if "visual" in name and "lora_" not in name:
-            param.requires_grad = (".merger." in name and config.train_merger) or config.train_vision
+            param.requires_grad = config.train_merger if ".merger." in name else config.train_vision
 
 
 def _to(batch: Batch, device) -> Batch:

@@ -3,7 +3,7 @@
 A short run of `runtime.training.builtin.RECIPE` (same base checkpoint, seeds and settings as the
 shipped model, 150 of its 1000 steps) must name the colour of held-out scenes well above chance
 (measured: 75-88% after 150 steps; the shipped model's full run reaches 100%). Shape is not learnt
-by this recipe yet, even in the full run (docs/benchmarks.md, "Watching"), so it is not asserted.
+by this recipe yet, even in the full run (docs/benchmarks.md, "Does the model watch?"), so it is not asserted.
 """
 
 from __future__ import annotations

@@ -120,12 +120,15 @@ def test_the_paper_mask(info, tmp_path) -> None:
     encoder, rows, segments = encoded(info, config)
     batch = encoder.batch(rows)
     n, length = batch.input_ids.shape
-    mask = batch.attention_mask
-    assert mask.shape == (n, 1, length, length) and mask.dtype == torch.bool
+    additive = batch.attention_mask
+    assert additive.shape == (n, 1, length, length) and additive.dtype == torch.float32
+    mask = additive == 0  # attended where the additive mask adds nothing
+    eye = torch.eye(length, dtype=torch.bool)
     for b, segs in enumerate(segments):
         used = positional.token_count(segs)
         assert torch.equal(mask[b, 0, :used, :used], positional.streaming_mask(segs))
-        assert not mask[b, 0, used:, :].any() and not mask[b, 0, :, used:].any()
+        # padding sees only itself (no NaN rows) and is seen by nobody
+        assert torch.equal(mask[b, 0, used:, :], eye[used:]) and not mask[b, 0, :used, used:].any()
     # it differs from causal: frames inserted mid-answer do not see the answer text
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     used = [positional.token_count(segs) for segs in segments]
@@ -173,10 +176,15 @@ def test_the_paper_mask_gives_a_finite_loss_with_padding(info, tmp_path) -> None
     encoder, rows, _ = encoded(info, config, SAMPLES[:2])
     batch = encoder.batch(rows)
     model = load_model(info).eval()
-    model.set_attn_implementation("eager")  # what `finetune` does for the paper mask
     with torch.no_grad():
         loss = answer_loss(model, batch)
+        paper = supervised_logits(model, batch)
+        served = supervised_logits(
+            model, encoded(info, config_for(info, tmp_path), SAMPLES[:2])[0].batch(rows)
+        )
     assert math.isfinite(float(loss))
+    # the mask is applied: frames that may not see answer text change the logits after them
+    assert float((paper - served).abs().max()) > 1e-3
 
 
 def test_answer_loss_overfits_a_fixed_batch(info, tmp_path) -> None:

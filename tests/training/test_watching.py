@@ -3,7 +3,7 @@
 Held-out scenes (seeds the trainer never draws, other frame sizes) must get their colour named
 right, in well-formed answers; a change of scene during a commentary shows in the rest of the
 answer under ``parallel``, and only in the next answer under ``sequential``. The shipped checkpoint
-names colour reliably but shape only a little above chance (docs/benchmarks.md, "Watching"), so
+names colour reliably but shape only a little above chance (docs/benchmarks.md, "Does the model watch?"), so
 shape is measured by benchmarks/watching.py, not asserted here.
 """
 
