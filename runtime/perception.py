@@ -123,6 +123,11 @@ class FrameGeometry:
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels)
 
+    def grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """The (t, h, w) patch grid of one frame of this size (what `patchify` returns with its patches)."""
+        target_h, target_w = self.target_size(height, width)
+        return 1, target_h // self.patch, target_w // self.patch
+
     def patchify(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Resize, normalise and cut frames into flat patches (seq, C*tp*p*p), as Qwen's processor does.
 
@@ -149,7 +154,7 @@ class FrameGeometry:
         x = video.reshape(1, tp, 3, gh // m, m, p, gw // m, m, p)
         # -> (t, gh/m, gw/m, m, m, C, tp, p, p): merged-cell-major order, as the vision tower expects
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return np.ascontiguousarray(x.reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
+        return np.ascontiguousarray(x.reshape(gh * gw, 3 * tp * p * p)), self.grid(*frames[0].shape[:2])
 
 
 def vision_tower_class(architecture: str) -> type:

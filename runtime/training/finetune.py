@@ -129,25 +129,20 @@ class Encoder:
         self.config = config
         self.geometry = FrameGeometry.from_checkpoint(info, config.pixel_budget)
 
-    def encode(self, sample: Sample, rng: np.random.Generator) -> tuple[LaidOut, list[np.ndarray], list]:
-        """Layout, the patches of each item (in stream order) and the segments, of one sample."""
-        patched = [self.geometry.patchify([frame]) for frame in sample.frames]
-        laid = lay_out(
-            sample,
-            self.chat,
-            [grid for _, grid in patched],
-            self.info.spatial_merge_size,
-            self.config.turn_tokens,
-            rng,
-        )
-        segments = layout.segments_of(self.chat, laid.pieces)
-        return laid, [patched[item.frame][0] for item in laid.items], segments
+    def encode(self, sample: Sample, rng: np.random.Generator) -> tuple[LaidOut, list[np.ndarray]]:
+        """Layout of one sample and the patches of each item in it (in stream order).
+
+        Grids come from the frame sizes alone; only frames the layout uses are resized and cut.
+        """
+        grids = [self.geometry.grid(*frame.shape[:2]) for frame in sample.frames]
+        laid = lay_out(sample, self.chat, grids, self.info.spatial_merge_size, self.config.turn_tokens, rng)
+        return laid, [self.geometry.patchify([sample.frames[item.frame]])[0] for item in laid.items]
 
     def collate(self, samples: Sequence[Sample], rng: np.random.Generator) -> Batch:
         """A padded micro-batch of samples, each laid out by a fresh draw of the random schedule."""
         rows = []
         for sample in samples:
-            laid, patches, _ = self.encode(sample, rng)
+            laid, patches = self.encode(sample, rng)
             if len(laid.labels) > self.config.max_length:
                 raise ValueError(
                     f"sample {sample.name}: {len(laid.labels)} tokens exceed "

@@ -61,7 +61,8 @@ def encoded(info, config, samples=SAMPLES):
     encoder = Encoder(info, config)
     rows, segments = [], []
     for spec in samples:
-        laid, patches, segs = encoder.encode(small_sample(*spec), np.random.default_rng(spec[-1]))
+        laid, patches = encoder.encode(small_sample(*spec), np.random.default_rng(spec[-1]))
+        segs = layout.segments_of(info.chat, laid.pieces)
         rows.append((laid, patches))
         segments.append(segs)
     return encoder, rows, segments
