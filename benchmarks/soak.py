@@ -9,7 +9,7 @@ pausing the stream: the answer is generated while the following frames are inges
 
 Measured per step (one frame pushed -> in the live request): step latency (wall time from `push_frame`
 to the session reporting it ingested, polled every ms), and the live request's tokens
-(``stats()["session_tokens"]``). Every ``--sample-every`` steps: RSS of this process and of its child
+(``stats().session_tokens``). Every ``--sample-every`` steps: RSS of this process and of its child
 processes (the vLLM engine core runs in one), memory-state bytes, rollovers. Reported: medians over the
 first and last quarter of the stream and their ratio, slope and max/min, PASS/FAIL against the targets
 (RSS and step latency within 10% first vs last quarter, live-request tokens never above the budget,
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from runtime import Runtime  # noqa: E402
+from runtime import ChangeFilterSettings, Runtime  # noqa: E402
+from runtime.wire import SessionStats  # noqa: E402
 
 QUESTIONS = [
     "What is happening right now?",
@@ -150,7 +151,7 @@ class Run:
     step_rollovers: list[int] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     questions: list[Asked] = field(default_factory=list)
-    final_stats: dict = field(default_factory=dict)
+    final_stats: SessionStats | None = None
 
 
 async def soak(args: argparse.Namespace) -> Run:
@@ -168,6 +169,8 @@ async def soak(args: argparse.Namespace) -> Run:
         max_fps=args.fps,  # stream timestamps are exactly 1/fps apart: the cap drops nothing
         pixel_budget=args.pixel_budget,
         memory=None,  # the defaults for the model's width
+        # each step measures one frame's ingest: the slowly moving square must go in every time
+        change_filter=ChangeFilterSettings(enabled=False),
     )
     scene = Scene(args.size)
     log(f"starting the engine ({args.model or 'built-in tiny qwen2-vl'}, max_model_len {args.max_model_len})")
@@ -222,10 +225,10 @@ async def _stream(
                 wall_s=time.monotonic() - t0,
                 rss_main=own,
                 rss_engine=children,
-                memory_bytes=stats["memory_state_bytes"],
-                rollovers=stats["rollovers"],
-                session_tokens=stats["session_tokens"],
-                max_request_tokens=stats["max_request_tokens"],
+                memory_bytes=stats.memory_state_bytes,
+                rollovers=stats.rollovers,
+                session_tokens=stats.session_tokens,
+                max_request_tokens=stats.max_request_tokens,
             )
         )
 
@@ -276,14 +279,9 @@ async def _stream(
 
 
 def settled(session) -> int:
-    """Frames that reached the model or were dropped (cheaper than `stats()`, which is polled every ms)."""
-    c = session.counters
-    return (
-        c.frames_ingested
-        + c.frames_dropped_rate
-        + c.frames_dropped_backlog
-        + session.perception.stats.dropped
-    )
+    """Frames that reached the model or were dropped."""
+    stats = session.stats()
+    return stats.frames_ingested + stats.frames_dropped
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -313,6 +311,7 @@ def slope_per_hour(xs_s: list[float], ys: list[float]) -> float:
 
 def report(run: Run) -> bool:
     stats = run.final_stats
+    assert stats is not None, "a finished run has its session's final stats"
     rows: list[tuple[str, str, str, str, str]] = []
     checks: list[tuple[str, bool, str]] = []
 
@@ -366,8 +365,8 @@ def report(run: Run) -> bool:
     checks.append(
         (
             "live-request tokens never above budget",
-            stats["max_request_tokens"] <= run.budget and max_tokens_seen <= run.budget,
-            f"max_request_tokens {stats['max_request_tokens']}, max sampled {max_tokens_seen}, "
+            stats.max_request_tokens <= run.budget and max_tokens_seen <= run.budget,
+            f"max_request_tokens {stats.max_request_tokens}, max sampled {max_tokens_seen}, "
             f"budget {run.budget}",
         )
     )
@@ -384,8 +383,8 @@ def report(run: Run) -> bool:
     checks.append(
         (
             "no frame dropped",
-            stats["frames_dropped"] == 0 and stats["frames_ingested"] == run.frames,
-            f"ingested {stats['frames_ingested']}/{run.frames}, dropped {stats['frames_dropped']}",
+            stats.frames_dropped == 0 and stats.frames_ingested == run.frames,
+            f"ingested {stats.frames_ingested}/{run.frames}, dropped {stats.frames_dropped}",
         )
     )
 
@@ -407,8 +406,8 @@ def report(run: Run) -> bool:
         "drain mode (one frame in flight)"
     )
     print(
-        f"rollovers {stats['rollovers']} (one every {run.frames / max(stats['rollovers'], 1):.0f} frames); "
-        f"requests started {stats['requests_started']}; turns {stats['turns']}"
+        f"rollovers {stats.rollovers} (one every {run.frames / max(stats.rollovers, 1):.0f} frames); "
+        f"requests started {stats.requests_started}; turns {stats.turns}"
     )
     print(
         f"RSS total: min {min(rss):.0f} MB, max {max(rss):.0f} MB, max/min {max(rss) / min(rss):.3f}, "
@@ -482,7 +481,7 @@ def plot(run: Run, path: Path) -> None:
     ax.legend(loc="center right", fontsize=8)
     ax.set_title(
         f"soak: {run.hours:g} h at {run.fps:g} fps ({run.frames} frames), accelerated; "
-        f"{run.final_stats.get('rollovers', 0)} rollovers"
+        f"{run.final_stats.rollovers if run.final_stats else 0} rollovers"
     )
     ax = axes[1]
     ax.plot(minutes, run.step_tokens, lw=0.5, label="live-request tokens")
@@ -517,6 +516,8 @@ def load(path: Path) -> Run:
     data = json.loads(path.read_text())
     data["samples"] = [Sample(**s) for s in data["samples"]]
     data["questions"] = [Asked(**q) for q in data["questions"]]
+    if data.get("final_stats") is not None:
+        data["final_stats"] = SessionStats.from_dict(data["final_stats"])
     return Run(**data)
 
 

@@ -36,9 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.progress import log
+from runtime.wire import SCHEDULES
 
 SCHEMES = ("sequential", "overlapped", "group-decoupled", "gap-isolated")
-SCHEDULES = ("parallel", "sequential")
 HELD_OUT_SEED = 3_000_000_000
 
 
@@ -74,7 +74,7 @@ async def accuracy(rt, schedule: str, n: int) -> tuple[float, float, float]:
         async with rt.open_session(schedule=schedule) as session:
             for i, frame in enumerate(frames):
                 await session.push_frame(frame, timestamp=i * 0.5)
-            while session.stats()["frames_ingested"] < len(frames):
+            while session.stats().frames_ingested < len(frames):
                 await asyncio.sleep(0.01)
             color = scenes.mentions(await session.ask(scenes.QUESTIONS[0], max_tokens=4).read())
             shape = scenes.mentions(await session.ask(scenes.QUESTIONS[1], max_tokens=4).read())
@@ -104,7 +104,7 @@ async def reaction_trial(rt, schedule: str, seed: int) -> dict:
     budget = 12 * k
     async with rt.open_session(schedule=schedule) as session:
         await session.push_frame(scenes.render(first, height, width, rng), timestamp=0.0)
-        while session.stats()["frames_ingested"] < 1:
+        while session.stats().frames_ingested < 1:
             await asyncio.sleep(0.01)
         delay_turns = int(rng.integers(1, 4))
         changed_at: float | None = None

@@ -1,4 +1,4 @@
-"""``speakwatch chat URL``: talk to a speakwatch server from a terminal, optionally with a video feed.
+"""``speakwatch-chat URL``: talk to a speakwatch server from a terminal, optionally with a video feed.
 
 Each line typed is one question; the answer streams after ``model>`` as it is generated, followed by
 one dim line of numbers (time to first token, tokens/s, frames sent/received/ingested/dropped, lag).
@@ -16,6 +16,8 @@ import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
+
+from runtime.wire import SessionStats
 
 from .remote import RealtimeError, RemoteResponse, RemoteSession, connect
 
@@ -72,10 +74,10 @@ class Terminal:
         self.err.flush()
 
 
-def stats_line(response: RemoteResponse, stats: dict[str, Any]) -> str:
+def stats_line(response: RemoteResponse, stats: SessionStats, frames_sent: int = 0) -> str:
     """One line of numbers for one answer."""
 
-    def num(value: Any, fmt: str) -> str:
+    def num(value: float | int | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
     parts = [
@@ -83,16 +85,12 @@ def stats_line(response: RemoteResponse, stats: dict[str, Any]) -> str:
         f"{num(response.tokens_per_s, '.1f')} tok/s",
         f"{num((response.usage or {}).get('output_tokens'), 'd')} tokens",
     ]
-    if stats.get("frames_sent") or stats.get("frames_received"):
+    if frames_sent or stats.frames_received:
         parts.append(
-            "frames sent {} / received {} / ingested {} / dropped {}".format(
-                stats.get("frames_sent", 0),
-                stats.get("frames_received", "-"),
-                stats.get("frames_ingested", "-"),
-                stats.get("frames_dropped", "-"),
-            )
+            f"frames sent {frames_sent} / received {stats.frames_received} / "
+            f"ingested {stats.frames_ingested} / dropped {stats.frames_dropped}"
         )
-        parts.append(f"lag p50 {num(stats.get('frame_lag_p50_ms'), '.0f')} ms")
+        parts.append(f"lag p50 {num(stats.frame_lag_p50_ms, '.0f')} ms")
     if response.status not in (None, "completed"):
         parts.append(str(response.status))
     return "[" + " | ".join(parts) + "]"
@@ -136,7 +134,7 @@ async def answer(session: RemoteSession, question: str, term: Terminal) -> None:
         term.notice(f"! {exc}")
     else:
         term.write("\n")
-    term.write(term.dim(stats_line(response, session.stats())) + "\n")
+    term.write(term.dim(stats_line(response, session.stats(), session.frames_sent)) + "\n")
 
 
 async def chat(args: argparse.Namespace, term: Terminal, stdin: TextIO) -> int:
@@ -183,7 +181,7 @@ async def chat(args: argparse.Namespace, term: Terminal, stdin: TextIO) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="speakwatch chat", description="Chat with a speakwatch server from the terminal."
+        prog="speakwatch-chat", description="Chat with a speakwatch server from the terminal."
     )
     parser.add_argument("url", help="server URL: http://HOST:PORT or ws://HOST:PORT/v1/realtime")
     parser.add_argument("--api-key", default=None, help="API key (default: $SPEAKWATCH_API_KEY)")
@@ -197,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``speakwatch chat`` and ``python -m client.chat``; returns the exit status."""
+    """Entry point of ``speakwatch-chat`` and ``python -m client.chat``; returns the exit status."""
     args = build_parser().parse_args(argv)
     if not args.fps > 0:
         build_parser().error("--fps must be positive")
@@ -210,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         term.write("\n")
         return 130
     except RealtimeError as exc:
-        term.notice(f"speakwatch chat: {exc}")
+        term.notice(f"speakwatch-chat: {exc}")
         return 1
 
 

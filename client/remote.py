@@ -6,13 +6,13 @@
         await session.push_frame(rgb)                  # H x W x 3 uint8, sent as JPEG (input_video.append)
         async for delta in session.ask("What do you see?"):
             print(delta, end="")
-        print(session.stats())                         # server video stats + client-side TTFT, tokens/s
+        print(session.stats())                         # the server's SessionStats, as embedded
 
-The wire protocol is the OpenAI Realtime API (GA event names, text output) plus ``input_video.*``
-extensions; see design/protocol.md. One reader task turns server JSON into typed :class:`Event`
-objects and routes them: answer deltas to the active :class:`RemoteResponse`, errors caused by an
-``ask`` into that ask (raised as :class:`RealtimeError`), everything to ``events()`` subscribers.
-:class:`SyncSession` (``connect_sync``) runs the same session on a loop in a background thread.
+The protocol's rules live in the sans-I/O core (`client.core.ClientProtocol`) and its events in
+`runtime.wire`; this module is the I/O around them: one reader task feeds server messages to the
+core, and the core's outputs become WebSocket sends, answer deltas, resolved futures and events for
+``events()`` subscribers. :class:`SyncSession` (``connect_sync``) runs the same session on a loop in
+a background thread.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -39,300 +37,46 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from runtime.wire import (
+    ClientEvent,
+    InputVideoStats,
+    JSONObject,
+    ResponseStatus,
+    ServerEvent,
+    SessionCreated,
+    SessionStats,
+    image_data_url,
+)
+
+from .core import (
+    Answer,
+    AnswerEnded,
+    AnswerReleased,
+    ClientProtocol,
+    Delta,
+    Output,
+    RealtimeError,
+    Reply,
+    Send,
+    Unclaimed,
+    session_fields,
+)
+
 __all__ = [
-    "ConversationItem",
-    "ErrorEvent",
-    "Event",
     "EventStream",
-    "OutputTextDelta",
-    "OutputTextDone",
     "RealtimeError",
     "RemoteResponse",
     "RemoteSession",
-    "ResponseCreated",
-    "ResponseDone",
-    "SessionCreated",
-    "SessionUpdated",
     "SyncResponse",
     "SyncSession",
-    "VideoStats",
     "connect",
     "connect_sync",
-    "parse_event",
     "realtime_url",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class RealtimeError(Exception):
-    """An ``error`` event from the server (or a failed connection), raised where the caller waits.
-
-    ``code`` is the server's error code (``invalid_value``, ``engine_unavailable``, ...) or one of the
-    client's own: ``connection_closed``, ``connection_failed``, ``invalid_api_key``, ``timeout``.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        event_id: str | None = None,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.type = type
-        self.param = param
-        self.event_id = event_id
-
-    @classmethod
-    def from_error(cls, error: dict[str, Any]) -> RealtimeError:
-        """From the ``error`` object of an ``error`` event (or of a failed response's details)."""
-        return cls(
-            str(error.get("code") or "server_error"),
-            str(error.get("message") or "unknown error"),
-            type=str(error.get("type") or "server_error"),
-            param=error.get("param"),
-            event_id=error.get("event_id"),
-        )
-
-
-@dataclass(frozen=True)
-class Event:
-    """Any server event; subclasses add typed fields. ``raw`` is the JSON object as received."""
-
-    type: str
-    event_id: str | None
-    raw: dict[str, Any] = field(repr=False, compare=False)
-
-    kinds: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(str(raw.get("type")), raw.get("event_id"), raw)
-
-
-@dataclass(frozen=True)
-class SessionCreated(Event):
-    """Always the first event; ``session["id"]`` is what a WebRTC call attaches to."""
-
-    session: dict[str, Any] = field(default_factory=dict)
-    kinds: ClassVar[tuple[str, ...]] = ("session.created",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(raw["type"], raw.get("event_id"), raw, dict(raw.get("session") or {}))
-
-
-@dataclass(frozen=True)
-class SessionUpdated(SessionCreated):
-    kinds: ClassVar[tuple[str, ...]] = ("session.updated",)
-
-
-@dataclass(frozen=True)
-class ConversationItem(Event):
-    """``conversation.item.added`` / ``conversation.item.done`` (user turns and the answer item)."""
-
-    item: dict[str, Any] = field(default_factory=dict)
-    previous_item_id: str | None = None
-    kinds: ClassVar[tuple[str, ...]] = ("conversation.item.added", "conversation.item.done")
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(
-            raw["type"], raw.get("event_id"), raw, dict(raw.get("item") or {}), raw.get("previous_item_id")
-        )
-
-
-@dataclass(frozen=True)
-class ResponseCreated(Event):
-    response_id: str = ""
-    kinds: ClassVar[tuple[str, ...]] = ("response.created",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(raw["type"], raw.get("event_id"), raw, str((raw.get("response") or {}).get("id", "")))
-
-
-@dataclass(frozen=True)
-class OutputTextDelta(Event):
-    response_id: str = ""
-    item_id: str = ""
-    delta: str = ""
-    kinds: ClassVar[tuple[str, ...]] = ("response.output_text.delta",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(
-            raw["type"],
-            raw.get("event_id"),
-            raw,
-            str(raw.get("response_id", "")),
-            str(raw.get("item_id", "")),
-            str(raw.get("delta", "")),
-        )
-
-
-@dataclass(frozen=True)
-class OutputTextDone(Event):
-    response_id: str = ""
-    item_id: str = ""
-    text: str = ""
-    kinds: ClassVar[tuple[str, ...]] = ("response.output_text.done",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(
-            raw["type"],
-            raw.get("event_id"),
-            raw,
-            str(raw.get("response_id", "")),
-            str(raw.get("item_id", "")),
-            str(raw.get("text", "")),
-        )
-
-
-@dataclass(frozen=True)
-class ResponseDone(Event):
-    """The end of a response: ``status`` is completed, cancelled, failed or incomplete."""
-
-    response_id: str = ""
-    status: str = ""
-    status_details: dict[str, Any] | None = None
-    usage: dict[str, Any] | None = None
-    kinds: ClassVar[tuple[str, ...]] = ("response.done",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        response = raw.get("response") or {}
-        return cls(
-            raw["type"],
-            raw.get("event_id"),
-            raw,
-            str(response.get("id", "")),
-            str(response.get("status", "")),
-            response.get("status_details"),
-            response.get("usage"),
-        )
-
-    @property
-    def text(self) -> str:
-        """The answer text, from the response's output item."""
-        parts = []
-        for item in (self.raw.get("response") or {}).get("output") or []:
-            for part in item.get("content") or []:
-                if part.get("type") in ("output_text", "text"):
-                    parts.append(part.get("text") or "")
-        return "".join(parts)
-
-
-@dataclass(frozen=True)
-class ErrorEvent(Event):
-    """An ``error`` event; ``client_event_id`` names the client event that caused it, if any."""
-
-    code: str = ""
-    message: str = ""
-    error_type: str = ""
-    param: str | None = None
-    client_event_id: str | None = None
-    kinds: ClassVar[tuple[str, ...]] = ("error",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        error = raw.get("error") or {}
-        return cls(
-            raw["type"],
-            raw.get("event_id"),
-            raw,
-            str(error.get("code") or ""),
-            str(error.get("message") or ""),
-            str(error.get("type") or ""),
-            error.get("param"),
-            error.get("event_id"),
-        )
-
-    def exception(self) -> RealtimeError:
-        return RealtimeError.from_error(self.raw.get("error") or {})
-
-
-@dataclass(frozen=True)
-class VideoStats(Event):
-    """``input_video.stats``: the server's view of this session's video (extra keys stay in ``raw``)."""
-
-    received: int = 0
-    sampled: int = 0
-    ingested: int = 0
-    dropped: int = 0
-    frame_lag_ms: float | None = None
-    fps: float = 0.0
-    positions: str | None = None
-    rollovers: int = 0
-    kinds: ClassVar[tuple[str, ...]] = ("input_video.stats",)
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any]) -> Event:
-        return cls(
-            raw["type"],
-            raw.get("event_id"),
-            raw,
-            int(raw.get("received") or 0),
-            int(raw.get("sampled") or 0),
-            int(raw.get("ingested") or 0),
-            int(raw.get("dropped") or 0),
-            raw.get("frame_lag_ms"),
-            float(raw.get("fps") or 0.0),
-            raw.get("positions"),
-            int(raw.get("rollovers") or 0),
-        )
-
-    def stats(self) -> dict[str, Any]:
-        """The counters under the embedded SDK's key names (``frames_received``, ...), extras as sent."""
-        renamed = {
-            "received": "frames_received",
-            "sampled": "frames_sampled",
-            "ingested": "frames_ingested",
-            "dropped": "frames_dropped",
-            "frame_lag_ms": "frame_lag_p50_ms",
-            "dropped_by_reason": "frames_dropped_by_reason",
-        }
-        return {renamed.get(k, k): v for k, v in self.raw.items() if k not in ("type", "event_id")}
-
-
-_CLASSES: dict[str, type[Event]] = {
-    kind: cls
-    for cls in (
-        SessionCreated,
-        SessionUpdated,
-        ConversationItem,
-        ResponseCreated,
-        OutputTextDelta,
-        OutputTextDone,
-        ResponseDone,
-        ErrorEvent,
-        VideoStats,
-    )
-    for kind in cls.kinds
-}
-
-
-def parse_event(raw: dict[str, Any]) -> Event:
-    """The typed event for one server JSON object; unknown or malformed ones become a plain ``Event``."""
-    cls = _CLASSES.get(str(raw.get("type")), Event)
-    try:
-        return cls.parse(raw)
-    except (TypeError, ValueError, AttributeError):
-        return Event.parse(raw)
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------
-
 T = TypeVar("T")
-_DONE = object()  # end of a response's delta queue
+_END = object()  # end of a response's delta queue
 
 
 def realtime_url(url: str) -> str:
@@ -343,6 +87,11 @@ def realtime_url(url: str) -> str:
         raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use ws://, wss://, http:// or https://")
     path = parts.path if parts.path not in ("", "/") else "/v1/realtime"
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: checked at once, JPEG-encoded off the event loop
+# ---------------------------------------------------------------------------------------------
 
 
 def _rgb(frame: Any) -> np.ndarray:
@@ -366,86 +115,95 @@ def _jpeg_data_url(rgb: np.ndarray, quality: int) -> str:
 
 
 def _image_part(image: Any) -> str | np.ndarray:
-    """An ``ask`` image checked at once: a data URL (from a data URL, JPEG/PNG bytes) or an RGB array
-    (from an array, a PIL image or a frame) that still has to be encoded, off the loop."""
+    """An ``ask`` image: a data URL (from a data URL or JPEG/PNG bytes), or an RGB array still to
+    encode (from an array, a PIL image or a frame)."""
     if isinstance(image, str):
         if not image.startswith("data:"):
             raise ValueError("image strings must be data URLs (data:image/jpeg;base64,...)")
         return image
     if isinstance(image, bytes | bytearray):
-        raw = bytes(image)
-        if raw.startswith(b"\xff\xd8\xff"):
-            mime = "image/jpeg"
-        elif raw.startswith(b"\x89PNG\r\n\x1a\n"):
-            mime = "image/png"
-        else:
-            raise ValueError("image bytes must be a JPEG or PNG file")
-        return f"data:{mime};base64," + base64.b64encode(raw).decode("ascii")
+        return image_data_url(bytes(image))
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     return _rgb(image)
 
 
-def _new_event_id() -> str:
-    return f"event_{uuid.uuid4().hex[:24]}"
-
-
 # ---------------------------------------------------------------------------------------------
-# Responses
+# Responses and event subscriptions
 # ---------------------------------------------------------------------------------------------
 
 
 class RemoteResponse:
     """One answer: ``async for delta in response``; ``id``, ``status``, ``usage`` are set by the end.
 
-    The iteration ends at ``response.done``: normally for completed, cancelled and incomplete answers,
+    ``id`` is the server's response id (from ``response.created``), the only id an answer has. The
+    iteration ends at ``response.done``: normally for completed, cancelled and incomplete answers,
     with :class:`RealtimeError` for failed ones and for errors the server reports for this ask.
     """
 
-    def __init__(
-        self, session: RemoteSession, item_event_id: str, create_event_id: str, max_tokens: int | None
-    ) -> None:
-        self.id: str | None = None  # the server's response id, from response.created
-        self.max_tokens = max_tokens
-        self.status: str = "in_progress"
-        self.status_details: dict[str, Any] | None = None
-        self.usage: dict[str, Any] | None = None
-        self.error: RealtimeError | None = None
-        self._server_error: RealtimeError | None = None
-        self.ttft_ms: float | None = None
-        self.tokens_per_s: float | None = None
+    def __init__(self, session: RemoteSession, answer: Answer) -> None:
         self._session = session
-        self._item_event_id = item_event_id  # conversation.item.create: an error means no user turn
-        self._create_event_id = create_event_id  # response.create: an error means no response at all
-        self._parts: list[str] = []
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._sent_at: float | None = None
-        self._first_at: float | None = None
-        self._last_at: float | None = None
-        self._finished = False  # the caller has seen (or will see) the end
+        self._answer = answer
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._ended = asyncio.Event()
-        self._server_done = asyncio.Event()  # the server holds no active response for this ask any more
-        self._send_task: asyncio.Task[None] | None = None
+        self._released = asyncio.Event()  # the server holds nothing for this answer any more
+        self._submit: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str | None:
+        """The server's response id, from ``response.created`` (None until then)."""
+        return self._answer.id
+
+    @property
+    def status(self) -> ResponseStatus:
+        return self._answer.status
+
+    @property
+    def done(self) -> bool:
+        return self._answer.done
 
     @property
     def text(self) -> str:
         """The answer text received so far."""
-        return "".join(self._parts)
+        return self._answer.text
 
     @property
-    def done(self) -> bool:
-        return self._finished
+    def max_tokens(self) -> int | None:
+        return self._answer.max_tokens
+
+    @property
+    def error(self) -> RealtimeError | None:
+        return self._answer.error
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return self._answer.ttft_ms
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self._answer.tokens_per_s
+
+    @property
+    def status_details(self) -> JSONObject | None:
+        details = self._answer.status_details
+        return None if details is None else details.encode()
+
+    @property
+    def usage(self) -> JSONObject | None:
+        usage = self._answer.usage
+        return None if usage is None else usage.encode()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
     async def __anext__(self) -> str:
         item = await self._queue.get()
-        if item is _DONE:
-            self._queue.put_nowait(_DONE)  # iterating again ends again
-            if self.error is not None:
-                raise self.error
+        if item is _END:
+            self._queue.put_nowait(_END)  # iterating again ends again
+            if self._answer.error is not None:
+                raise self._answer.error
             raise StopAsyncIteration
+        assert isinstance(item, str)
         return item
 
     async def read(self) -> str:
@@ -463,56 +221,9 @@ class RemoteResponse:
         return self.status
 
     async def cancel(self) -> None:
-        """Stop this answer and wait for its end (status ``cancelled``); no-op once it has ended."""
-        await self._session._cancel(self)
-
-    # -- fed by the session ------------------------------------------------------------------------
-
-    def _delta(self, delta: str) -> None:
-        if self._finished:
-            return
-        now = time.monotonic()
-        if self._first_at is None:
-            self._first_at = now
-            if self._sent_at is not None:
-                self.ttft_ms = (now - self._sent_at) * 1000.0
-        self._last_at = now
-        self._parts.append(delta)
-        self._queue.put_nowait(delta)
-
-    def _done(self, event: ResponseDone) -> None:
-        self._server_done.set()
-        if self._finished:
-            return
-        self.id = self.id or event.response_id
-        self.status = event.status
-        self.status_details = event.status_details
-        self.usage = event.usage
-        tokens = int((event.usage or {}).get("output_tokens") or len(self._parts))
-        if self._first_at is not None and self._last_at is not None and tokens > 1:
-            elapsed = self._last_at - self._first_at
-            self.tokens_per_s = (tokens - 1) / elapsed if elapsed > 0 else None
-        if event.status == "failed":
-            error = (event.status_details or {}).get("error") or {}
-            self.error = self._server_error or RealtimeError.from_error({"code": "response_failed", **error})
-        self._end()
-
-    def _fail(self, error: RealtimeError) -> None:
-        if self._finished:
-            return
-        self.status = "failed"
-        self.error = error
-        self._end()
-
-    def _end(self) -> None:
-        self._finished = True
-        self._ended.set()
-        self._queue.put_nowait(_DONE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sessions
-# ---------------------------------------------------------------------------------------------
+        """Stop this answer and wait until the server has let it go; no-op once it has."""
+        await self._session._apply(self._session._core.cancel(self._answer))
+        await self._released.wait()
 
 
 class EventStream:
@@ -520,20 +231,20 @@ class EventStream:
 
     def __init__(self, session: RemoteSession, size: int) -> None:
         self._session = session
-        self._queue: deque[Event | None] = deque(maxlen=size)
+        self._queue: deque[ServerEvent | None] = deque(maxlen=size)
         self._wake = asyncio.Event()
         self.dropped = 0
 
-    def put(self, event: Event | None) -> None:
+    def put(self, event: ServerEvent | None) -> None:
         if len(self._queue) == self._queue.maxlen:
             self.dropped += 1
         self._queue.append(event)
         self._wake.set()
 
-    def __aiter__(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> AsyncIterator[ServerEvent]:
         return self
 
-    async def __anext__(self) -> Event:
+    async def __anext__(self) -> ServerEvent:
         while not self._queue:
             self._wake.clear()
             await self._wake.wait()
@@ -546,6 +257,11 @@ class EventStream:
     async def aclose(self) -> None:
         self._session._subscriptions.discard(self)
         self.put(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions
+# ---------------------------------------------------------------------------------------------
 
 
 class RemoteSession:
@@ -562,25 +278,15 @@ class RemoteSession:
         jpeg_quality: int = 80,
         on_error: Callable[[RealtimeError], None] | None = None,
     ) -> None:
-        self.id: str = ""
-        self.session: dict[str, Any] = {}
         self.jpeg_quality = jpeg_quality
         self.on_error = on_error
-        self.last_error: RealtimeError | None = None
         self._ws = ws
-        self._created: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
-        self._waiters: dict[str, asyncio.Future[Event]] = {}  # client event id -> its reply
-        self._active: RemoteResponse | None = None  # the latest ask
-        self._inflight: RemoteResponse | None = None  # the ask whose response the server is running
-        self._last: RemoteResponse | None = None
-        self._cancels: dict[str, RemoteResponse] = {}  # response.cancel event id -> its ask
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._video: VideoStats | None = None
-        self._frames_sent = 0
-        self._callbacks: list[Callable[[Event], None]] = []
+        self._core = ClientProtocol()
+        self._created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._responses: dict[Answer, RemoteResponse] = {}
+        self._requests: dict[str, asyncio.Future[JSONObject]] = {}
+        self._callbacks: list[Callable[[ServerEvent], None]] = []
         self._subscriptions: set[EventStream] = set()
-        self._closed = False
-        self.close_reason: str | None = None
         self._reader = asyncio.create_task(self._read(), name="RemoteSession.reader")
 
     # -- the embedded Session API ----------------------------------------------------------------
@@ -594,12 +300,9 @@ class RemoteSession:
         rgb = _rgb(frame)
         if timestamp is not None and (not np.isfinite(timestamp) or timestamp < 0):
             raise ValueError(f"timestamp must be a non-negative number of seconds, got {timestamp}")
+        self._core.check_open()
         url = await asyncio.to_thread(_jpeg_data_url, rgb, self.jpeg_quality)
-        event: dict[str, Any] = {"type": "input_video.append", "event_id": _new_event_id(), "image": url}
-        if timestamp is not None:
-            event["timestamp_ms"] = timestamp * 1000.0
-        await self._send(event)
-        self._frames_sent += 1
+        await self._send(self._core.append_frame(url, timestamp))
 
     def ask(
         self,
@@ -614,58 +317,34 @@ class RemoteSession:
         One answer at a time (like the server): asking while an answer streams raises
         :class:`RealtimeError` ``conversation_already_has_active_response``.
         """
-        if self._closed:
-            raise RealtimeError("connection_closed", f"the session is closed ({self.close_reason})")
-        if self._active is not None and not self._active.done:
-            raise RealtimeError(
-                "conversation_already_has_active_response",
-                "an answer is still streaming: cancel it or wait for its end",
-            )
-        if not isinstance(text, str):
-            raise ValueError("text must be a string")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        content: list[Any] = [{"type": "input_text", "text": text}, *(_image_part(i) for i in images)]
-        params: dict[str, Any] = {}
-        if max_tokens is not None:
-            params["max_output_tokens"] = max_tokens
-        if instructions is not None:
-            params["instructions"] = instructions
-        item = {"type": "conversation.item.create", "event_id": _new_event_id()}
-        item["item"] = {"type": "message", "role": "user", "content": content}
-        create = {"type": "response.create", "event_id": _new_event_id(), "response": params}
-        previous = self._active
-        response = RemoteResponse(self, item["event_id"], create["event_id"], max_tokens)
-        self._active = self._last = response
-        response._send_task = asyncio.create_task(self._send_ask(response, previous, item, create))
+        parts = [_image_part(image) for image in images]
+        answer = self._core.ask(text, max_tokens, instructions=instructions)
+        response = RemoteResponse(self, answer)
+        self._responses[answer] = response
+        response._submit = asyncio.create_task(self._submit(answer, parts), name="RemoteSession.ask")
         return response
 
     async def cancel(self) -> None:
         """Stop the answer in progress and wait for its end (status ``cancelled``); no-op when idle."""
-        if self._active is not None:
-            await self._cancel(self._active)
+        latest = self._core.latest
+        if latest is not None and latest in self._responses:
+            await self._responses[latest].cancel()
 
-    def stats(self) -> dict[str, Any]:
-        """The latest ``input_video.stats`` (as ``frames_received``, ``frames_ingested``,
-        ``frame_lag_p50_ms``, ...) plus ``frames_sent`` and the last answer's client-side ``ttft_ms``,
-        ``tokens_per_s`` and ``output_tokens`` (the server's own are ``server_ttft_ms``, ...)."""
-        out: dict[str, Any] = self._video.stats() if self._video is not None else {}
-        for key in ("ttft_ms", "tokens_per_s"):  # the server's own measurement, kept under another name
-            if key in out:
-                out[f"server_{key}"] = out.pop(key)
-        last = self._last
-        out["session_id"] = self.id
-        out["frames_sent"] = self._frames_sent
-        out["ttft_ms"] = last.ttft_ms if last is not None else None
-        out["tokens_per_s"] = last.tokens_per_s if last is not None else None
-        out["output_tokens"] = (last.usage or {}).get("output_tokens") if last is not None else None
-        return out
+    def stats(self) -> SessionStats:
+        """The server's latest `SessionStats` of this session: the embedded ``Session.stats()``, over
+        the wire (refreshed by each ``input_video.stats``). Client-side numbers: `frames_sent`, and
+        each response's own ``ttft_ms`` / ``tokens_per_s``."""
+        return self._core.stats()
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames this client sent (``input_video.append``)."""
+        return self._core.frames_sent
 
     async def close(self) -> None:
         """Close the connection; the server aborts the session's generation and frees its memory."""
-        if not self._closed:
-            self._closed = True
-            self.close_reason = self.close_reason or "closed by the client"
+        if not self._core.closed:
+            await self._apply(self._core.close("closed by the client"))
             await self._ws.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -679,13 +358,30 @@ class RemoteSession:
     # -- beyond the embedded API -----------------------------------------------------------------
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def id(self) -> str:
+        return self._core.session_id
 
     @property
-    def video_stats(self) -> VideoStats | None:
-        """The latest ``input_video.stats`` event, typed."""
-        return self._video
+    def session(self) -> JSONObject:
+        """The session as the server last reported it (``session.created`` / ``session.updated``)."""
+        return self._core.session.encode() if self._core.session is not None else {}
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._core.close_reason
+
+    @property
+    def last_error(self) -> RealtimeError | None:
+        return self._core.last_error
+
+    @property
+    def video_stats(self) -> InputVideoStats | None:
+        """The latest ``input_video.stats`` event, typed (``.stats`` is the server's `SessionStats`)."""
+        return self._core.video
 
     async def update(
         self,
@@ -693,27 +389,35 @@ class RemoteSession:
         instructions: str | None = None,
         max_fps: float | None = None,
         schedule: str | None = None,
-        max_output_tokens: int | str | None = None,
-        video: dict[str, Any] | None = None,
+        max_output_tokens: int | Literal["inf"] | None = None,
+        change_filter: Mapping[str, bool | float] | None = None,
+        video: Mapping[str, object] | None = None,
         timeout: float = 10.0,
-    ) -> dict[str, Any]:
-        """``session.update`` with the given fields (``max_fps``/``schedule`` go into ``video``, as in the
-        embedded ``Session.update``); returns the session from ``session.updated``."""
-        session: dict[str, Any] = {"type": "realtime"}
-        if instructions is not None:
-            session["instructions"] = instructions
-        if max_output_tokens is not None:
-            session["max_output_tokens"] = max_output_tokens
-        video = dict(video or {})
-        if max_fps is not None:
-            video["max_fps"] = max_fps
-        if schedule is not None:
-            video["schedule"] = schedule
-        if video:
-            session["video"] = video
-        event = await self._request({"type": "session.update", "session": session}, timeout)
-        assert isinstance(event, SessionUpdated)
-        return event.session
+    ) -> JSONObject:
+        """``session.update`` with the given fields (``max_fps``, ``schedule`` and ``change_filter``,
+        e.g. ``{"enabled": False}``, go into ``video``, as in the embedded ``Session.update``);
+        returns the session from ``session.updated``."""
+        fields = session_fields(
+            instructions=instructions,
+            max_output_tokens=max_output_tokens,
+            max_fps=max_fps,
+            schedule=schedule,
+            change_filter=change_filter,
+            video=video,
+        )
+        event = self._core.update(fields)
+        assert event.event_id is not None
+        future: asyncio.Future[JSONObject] = asyncio.get_running_loop().create_future()
+        self._requests[event.event_id] = future
+        try:
+            await self._send(event)
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise RealtimeError("timeout", f"no reply to session.update within {timeout} s") from None
+        finally:
+            self._requests.pop(event.event_id, None)
+            self._core.forget(event.event_id)
 
     def events(self, buffer: int = 1024) -> EventStream:
         """Every server event from now on, typed: ``async for event in session.events()``.
@@ -721,147 +425,96 @@ class RemoteSession:
         Ends when the connection closes. A consumer that falls ``buffer`` events behind loses the oldest.
         """
         subscription = EventStream(self, buffer)
-        if self._closed and self._reader.done():
+        if self._core.closed and self._reader.done():
             subscription.put(None)
         else:
             self._subscriptions.add(subscription)
         return subscription
 
-    def on_event(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+    def on_event(self, callback: Callable[[ServerEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every server event (on the loop); returns an unsubscribe function."""
         self._callbacks.append(callback)
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
-    async def send_event(self, event: dict[str, Any]) -> None:
+    async def send_event(self, event: JSONObject) -> None:
         """Send any client event as is (for protocol features this SDK does not wrap)."""
-        await self._send(event)
+        self._core.check_open()
+        await self._send_text(json.dumps(event, separators=(",", ":")))
 
-    # -- internals -------------------------------------------------------------------------------
+    # -- I/O ---------------------------------------------------------------------------------------
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        if self._closed:
-            raise RealtimeError("connection_closed", f"the session is closed ({self.close_reason})")
+    async def _send(self, event: ClientEvent) -> None:
+        await self._send_text(event.to_json())
+
+    async def _send_text(self, text: str) -> None:
+        self._core.check_open()
         try:
-            await self._ws.send(json.dumps(event, separators=(",", ":")))
+            await self._ws.send(text)
         except ConnectionClosed as exc:
             raise RealtimeError("connection_closed", f"the server closed the connection ({exc})") from None
 
-    async def _request(self, event: dict[str, Any], timeout: float) -> Event:
-        """Send an event and wait for its reply (``session.updated``) or its ``error``."""
-        event_id = event.setdefault("event_id", _new_event_id())
-        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._waiters[event_id] = future
-        try:
-            await self._send(event)
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            raise RealtimeError("timeout", f"no reply to {event['type']} within {timeout} s") from None
-        finally:
-            self._waiters.pop(event_id, None)
-
-    async def _send_ask(
-        self,
-        response: RemoteResponse,
-        previous: RemoteResponse | None,
-        item: dict[str, Any],
-        create: dict[str, Any],
-    ) -> None:
-        try:
-            if previous is not None:  # ended for the caller; wait until the server has let it go too
-                await previous._server_done.wait()
-            content = item["item"]["content"]
-            for index, part in enumerate(content):  # images: encoded here, off the loop
-                if isinstance(part, np.ndarray):
-                    part = await asyncio.to_thread(_jpeg_data_url, part, self.jpeg_quality)
-                if isinstance(part, str):
-                    content[index] = {"type": "input_image", "image_url": part}
-            response._sent_at = time.monotonic()
-            self._inflight = response
-            await self._send(item)
-            await self._send(create)
-        except RealtimeError as exc:
-            response._fail(exc)
-            self._release(response)
-
-    async def _cancel(self, response: RemoteResponse) -> None:
-        if response._send_task is not None:
-            await response._send_task
-        if response._server_done.is_set():
-            return
-        event: dict[str, Any] = {"type": "response.cancel", "event_id": _new_event_id()}
-        if response.id is not None:
-            event["response_id"] = response.id
-        self._cancels[event["event_id"]] = response
-        with contextlib.suppress(RealtimeError):  # closed: the server has aborted it already
-            await self._send(event)
-        await response._server_done.wait()  # response.done, an error, or the connection's end
+    async def _submit(self, answer: Answer, parts: list[str | np.ndarray]) -> None:
+        """Encode the ask's images off the loop, then hand it to the core (which sends or queues it)."""
+        urls = [
+            part
+            if isinstance(part, str)
+            else await asyncio.to_thread(_jpeg_data_url, part, self.jpeg_quality)
+            for part in parts
+        ]
+        with contextlib.suppress(RealtimeError):  # the connection is gone: the reader ends the ask
+            await self._apply(self._core.submit(answer, urls, time.monotonic()))
 
     async def _read(self) -> None:
         try:
             async for message in self._ws:
-                try:
-                    raw = json.loads(message)
-                except ValueError:
-                    logger.warning("ignoring a server message that is not JSON")
-                    continue
-                if isinstance(raw, dict):
-                    self._dispatch(parse_event(raw))
+                await self._apply(self._core.receive(message, time.monotonic()))
         except ConnectionClosed:
             pass
         finally:
-            self._on_closed()
-
-    def _on_closed(self) -> None:
-        code, why = self._ws.close_code, self._ws.close_reason
-        reason = f"code {code} {why or ''}".strip() if code is not None else "connection lost"
-        if not self._closed:
-            self._closed = True
-            self.close_reason = f"closed by the server ({reason})"
-        error = RealtimeError("connection_closed", f"the session is closed ({self.close_reason})")
-        if not self._created.done():
-            self._created.set_exception(self.last_error or error)
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_exception(error)
-        for response in (self._active, self._inflight):
-            if response is not None:
-                response._fail(error)
-                self._release(response)
-        for subscription in self._subscriptions:
-            subscription.put(None)
-        self._subscriptions.clear()
-
-    def _release(self, response: RemoteResponse) -> None:
-        """The server holds no response for this ask any more: the next ask may go."""
-        response._server_done.set()
-        if self._inflight is response:
-            self._inflight = None
-
-    def _dispatch(self, event: Event) -> None:
-        active = self._inflight
-        if isinstance(event, SessionCreated) and not isinstance(event, SessionUpdated):
-            self.id = str(event.session.get("id", ""))
-            self.session = event.session
+            code, why = self._ws.close_code, self._ws.close_reason
+            reason = f"code {code} {why or ''}".strip() if code is not None else "connection lost"
+            await self._apply(self._core.close(f"closed by the server ({reason})"))
             if not self._created.done():
-                self._created.set_result(event)
-        elif isinstance(event, SessionUpdated):
-            self.session = event.session
-            self._reply(event)
-        elif isinstance(event, ResponseCreated):
-            if active is not None and active.id is None:
-                active.id = event.response_id
-        elif isinstance(event, OutputTextDelta):
-            if active is not None and active.id in (None, event.response_id):
-                active._delta(event.delta)
-        elif isinstance(event, ResponseDone):
-            if active is not None and active.id in (None, event.response_id):
-                active._done(event)
-                self._release(active)
-        elif isinstance(event, VideoStats):
-            self._video = event
-        elif isinstance(event, ErrorEvent):
-            self._on_error(event, active)
+                error = RealtimeError(
+                    "connection_closed", f"the session is closed ({self._core.close_reason})"
+                )
+                self._created.set_exception(self._core.last_error or error)
+            for subscription in self._subscriptions:
+                subscription.put(None)
+            self._subscriptions.clear()
+
+    async def _apply(self, outputs: list[Output]) -> None:
+        """Carry out the core's outputs, in order."""
+        for out in outputs:
+            if isinstance(out, Send):
+                with contextlib.suppress(RealtimeError):  # closed: the server has dropped it already
+                    await self._send(out.event)
+            elif isinstance(out, Delta):
+                self._responses[out.answer]._queue.put_nowait(out.text)
+            elif isinstance(out, AnswerEnded):
+                response = self._responses[out.answer]
+                response._ended.set()
+                response._queue.put_nowait(_END)
+            elif isinstance(out, AnswerReleased):
+                self._responses.pop(out.answer)._released.set()
+            elif isinstance(out, Reply):
+                future = self._requests.get(out.event_id)
+                if future is not None and not future.done():
+                    if isinstance(out.result, RealtimeError):
+                        future.set_exception(out.result)
+                    else:
+                        future.set_result(out.result.session.encode())
+            elif isinstance(out, Unclaimed):
+                if self.on_error is not None:
+                    self.on_error(out.error)
+                else:
+                    logger.warning("server error: %s", out.error)
+            else:
+                self._publish(out)
+
+    def _publish(self, event: ServerEvent) -> None:
+        if isinstance(event, SessionCreated) and not self._created.done():
+            self._created.set_result(None)
         for callback in list(self._callbacks):
             try:
                 callback(event)
@@ -869,48 +522,6 @@ class RemoteSession:
                 logger.exception("event callback failed")
         for subscription in self._subscriptions:
             subscription.put(event)
-
-    def _reply(self, event: Event) -> None:
-        """Resolve the oldest ``_request`` waiter (replies come in order)."""
-        for future in self._waiters.values():
-            if not future.done():
-                future.set_result(event)
-                return
-
-    def _on_error(self, event: ErrorEvent, active: RemoteResponse | None) -> None:
-        error = event.exception()
-        cause = event.client_event_id
-        if cause is not None and cause in self._waiters:
-            if not self._waiters[cause].done():
-                self._waiters[cause].set_exception(error)
-            return
-        if cause is not None and cause in self._cancels:
-            cancelled = self._cancels.pop(cause)
-            if event.code == "response_cancel_not_active":
-                self._release(cancelled)  # nothing left to cancel: the server holds no response
-            return
-        if active is not None and cause in (active._item_event_id, active._create_event_id):
-            active._fail(error)
-            if cause == active._create_event_id:
-                self._release(active)  # the response was never created
-            else:  # the user turn was rejected: stop the answer the response.create has started
-                task = asyncio.get_running_loop().create_task(self._cancel(active))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            return
-        self.last_error = error
-        if not self._created.done():  # e.g. session_limit_reached before the connection closes
-            return
-        if cause is None and active is not None and event.error_type == "server_error":
-            # The engine failed the answer the server is running; response.done (failed) follows and
-            # raises it in the ask, unless the caller has already had an error for that ask.
-            if not active.done:
-                active._server_error = error
-            return
-        if self.on_error is not None:
-            self.on_error(error)
-        else:
-            logger.warning("server error: %s", error)
 
 
 class _Connector:
@@ -974,8 +585,8 @@ def connect(
     api_key: str | None = None,
     *,
     instructions: str | None = None,
-    max_output_tokens: int | str | None = None,
-    video: dict[str, Any] | None = None,
+    max_output_tokens: int | Literal["inf"] | None = None,
+    video: Mapping[str, float | str] | None = None,
     jpeg_quality: int = 80,
     on_error: Callable[[RealtimeError], None] | None = None,
     open_timeout: float = 10.0,
@@ -986,7 +597,7 @@ def connect(
 
     ``url`` is ``ws://host:port/v1/realtime`` (``http://host:port`` works too). ``api_key`` defaults
     to ``$SPEAKWATCH_API_KEY`` and is sent as ``Authorization: Bearer``. ``instructions``,
-    ``max_output_tokens`` and ``video`` (max_fps, schedule, window, ...) go in one ``session.update``
+    ``max_output_tokens`` and ``video`` (max_fps, schedule) go in one ``session.update``
     before the session is handed out. ``on_error`` gets server errors no ``ask`` is waiting for
     (e.g. a rejected frame); without it they are logged. Connection problems raise
     :class:`RealtimeError` (``connection_failed``, ``invalid_api_key``, ``timeout``, or the server's
@@ -1100,10 +711,14 @@ class SyncSession:
     def cancel(self) -> None:
         self._call(self.session.cancel())
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SessionStats:
         return self.session.stats()
 
-    def update(self, **fields: Any) -> dict[str, Any]:
+    @property
+    def frames_sent(self) -> int:
+        return self.session.frames_sent
+
+    def update(self, **fields: Any) -> JSONObject:
         return self._call(self.session.update(**fields))
 
     def close(self) -> None:

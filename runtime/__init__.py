@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.runtime import Runtime, RuntimeSettings
     from runtime.session import Response, Session
+    from streams.change import ChangeFilterSettings
 
-__all__ = ["Response", "Runtime", "RuntimeSettings", "Session"]
+__all__ = ["ChangeFilterSettings", "Response", "Runtime", "RuntimeSettings", "Session"]
 
 
 def __getattr__(name: str):
@@ -22,4 +23,8 @@ def __getattr__(name: str):
         from runtime import session as module
 
         return getattr(module, name)
+    if name == "ChangeFilterSettings":  # the type of RuntimeSettings.change_filter and Session.update's
+        from streams.change import ChangeFilterSettings
+
+        return ChangeFilterSettings
     raise AttributeError(name)

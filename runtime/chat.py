@@ -7,11 +7,8 @@ boundaries, so a streamed session holds the same ids as the rendered template wo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -57,9 +54,6 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)  # type: ignore[attr-defined]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)  # type: ignore[attr-defined]
 
     def turn(self, role: str, text: str) -> list[int]:
         """``<|im_start|>{role}\\n{text}<|im_end|>\\n``."""

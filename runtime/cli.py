@@ -1,4 +1,4 @@
-"""The ``speakwatch`` command: ``serve``, ``make-tiny-model`` and ``chat``.
+"""The ``speakwatch`` command: ``serve``, ``make-tiny-model`` and ``finetune``.
 
 Every ``serve`` option can also come from the environment as ``SPEAKWATCH_<OPTION>`` (``--api-key`` is
 ``SPEAKWATCH_API_KEY``, ``--max-model-len`` is ``SPEAKWATCH_MAX_MODEL_LEN``); the command line wins.
@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from runtime.wire import SCHEDULES
+from streams.change import ChangeFilterSettings
+
 ENV_PREFIX = "SPEAKWATCH_"
 ARCHES = ("qwen2-vl", "qwen2.5-vl")
-SCHEDULES = ("parallel", "sequential")
 PROGRESS_EVERY = 10.0  # seconds between "still loading" lines
 
 
@@ -38,6 +40,24 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _boolean(text: str) -> bool:
+    """An environment variable's yes or no (the flag itself is --X / --no-X)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a yes or no: {text}")
+
+
+def _levels(text: str) -> float:
+    """A change threshold, checked where the filter checks it."""
+    try:
+        return ChangeFilterSettings(threshold=float(text)).threshold
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -99,8 +119,33 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add(
         "--max-fps", type=_positive(float), help="frames per second a session accepts; faster ones dropped"
     )
+    opt.add(
+        "--change-filter",
+        type=_boolean,
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="drop frames that show nothing new since the last one that went in (counted 'unchanged')",
+    )
+    opt.add(
+        "--change-threshold",
+        type=_levels,
+        default=ChangeFilterSettings().threshold,
+        help="levels (0-255) a region's colour must change, beyond the noise, to count as new",
+    )
+    opt.add(
+        "--change-keepalive",
+        type=_positive(float),
+        default=ChangeFilterSettings().keepalive_s,
+        help="seconds after which an unchanged frame still goes in",
+    )
     opt.add("--max-model-len", type=_positive(int), help="vLLM context length")
     opt.add("--kv-cache-gb", type=_positive(float), help="KV cache size in GiB")
+    opt.add(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="model dtype; default: bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX), float32 on "
+        "other CPUs, vLLM's auto on GPUs",
+    )
     opt.add("--tensor-parallel-size", type=_positive(int), help="vLLM tensor parallel size")
     opt.add("--pipeline-parallel-size", type=_positive(int), help="vLLM pipeline parallel size")
     opt.add("--data-parallel-size", type=_positive(int), help="vLLM data parallel size")
@@ -123,9 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--size", choices=tuple(SIZES), default="tiny", help="widths and depths")
 
-    commands.add_parser(
-        "chat", help="terminal chat with a running server (speakwatch chat --help)", add_help=False
-    )
     from runtime.training.cli import add_finetune_parser
 
     add_finetune_parser(commands)
@@ -135,11 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``speakwatch`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "chat":  # its own parser: every argument after "chat" is the chat client's
-        from client import chat
-
-        return chat.main(argv[1:])
     parser = build_parser()
+    if argv[:1] == ["chat"]:  # the chat client is its own console script: runtime never imports client
+        parser.error("the terminal chat is its own command: speakwatch-chat URL (or python -m client.chat)")
     args = parser.parse_args(argv)
     if args.command == "make-tiny-model":
         return make_tiny_model(args)
@@ -177,6 +217,7 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     engine: dict[str, Any] = {
         "max_model_len": args.max_model_len,
         "kv_cache_gb": args.kv_cache_gb,
+        "dtype": args.dtype,
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "data_parallel_size": args.data_parallel_size,
@@ -190,7 +231,13 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_fps is not None:
         kwargs["max_fps"] = args.max_fps
+    kwargs["change_filter"] = change_filter(args)
     return kwargs
+
+
+def change_filter(args: argparse.Namespace) -> ChangeFilterSettings:
+    """The scene-change filter new sessions start with, from ``--[no-]change-filter`` and its two values."""
+    return ChangeFilterSettings(args.change_filter, args.change_threshold, args.change_keepalive)
 
 
 def server_config(args: argparse.Namespace) -> Any:
@@ -199,7 +246,9 @@ def server_config(args: argparse.Namespace) -> Any:
     fps: dict[str, float] = {}
     if args.max_fps is not None:  # the cap, and the rate new sessions start with
         fps = {"max_fps": args.max_fps, "default_fps": args.max_fps}
-    return ServerConfig(api_key=args.api_key or None, max_sessions=args.max_sessions, **fps)
+    return ServerConfig(
+        api_key=args.api_key or None, max_sessions=args.max_sessions, change_filter=change_filter(args), **fps
+    )
 
 
 def _say(message: str) -> None:
@@ -264,6 +313,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if waiting.done():
             if server.ready:
                 _say(f"ready in {time.monotonic() - started:.1f} s: open {url}/")
+                dtype = getattr(runtime, "dtype", None)  # test doubles may not report one
+                if dtype:
+                    _say(f"engine dtype {dtype} ({'asked for' if args.dtype else 'chosen for this machine'})")
                 _say(
                     f"realtime API: ws://{url.removeprefix('http://')}/v1/realtime; metrics at {url}/metrics"
                 )

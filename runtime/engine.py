@@ -7,9 +7,11 @@ our model classes through ``model_class_overrides``, which vLLM re-applies in ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,67 @@ from runtime.chat import ChatFormat
 log = logging.getLogger("speakwatch.engine")
 
 SUPPORTED_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+# CPU features that compute bfloat16 natively (x86 AVX512-BF16 / AMX-BF16, AArch64 BF16): what vLLM's
+# CPU backend itself tests (torch.cpu._is_avx512_bf16_supported, _is_amx_tile_supported, "bf16").
+# Without one, bfloat16 is emulated through float32 and decodes ~1.4x slower than float32 itself.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16, "half": 16, "float": 32}
+
+
+def choose_dtype(device: str, cpu_flags: frozenset[str] | set[str] | None = None) -> tuple[str, str]:
+    """The dtype to serve on ``device`` ("cpu", "cuda", ...) given the CPU's feature flags, and why.
+
+    Pure: flags in, ``(dtype, reason)`` out. Accelerators keep vLLM's "auto" (the checkpoint's own
+    dtype); a CPU gets bfloat16 only where it has native bf16 arithmetic, float32 otherwise.
+    """
+    if device != "cpu":
+        return "auto", f"{device}: vLLM's choice from the checkpoint"
+    native = sorted(NATIVE_BF16_FLAGS & set(cpu_flags or ()))
+    if native:
+        return "bfloat16", f"cpu with native bfloat16 ({', '.join(native)})"
+    return "float32", "cpu without native bfloat16 (no avx512_bf16/amx_bf16): bfloat16 would be emulated"
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+    """The first processor's feature flags (x86 ``flags``, AArch64 ``Features``); empty if unknown."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def engine_device() -> str:
+    """The device vLLM will run on ("cpu", "cuda", ...), as its platform detection sees it."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type or "cpu")
+
+
+def choose_executor(device: str, world_size: int) -> str | None:
+    """vLLM's executor backend for this machine: "uni" on a CPU with one worker, else vLLM's choice.
+
+    With "mp" (what the CPU build otherwise forces), the engine core and its worker are two processes
+    that wait for each other in a shared-memory queue whose reader spins (``sched_yield``) for 1 s
+    after every message: the worker spins while a camera streams, the engine core while it answers,
+    a whole core on a 2-core machine. "uni" runs the model inside the engine-core process: no queue.
+    """
+    return "uni" if device == "cpu" and world_size == 1 else None
+
+
+def resolve_dtype(requested: str | None) -> str:
+    """``requested`` if given (an explicit value always wins), else the choice for this machine."""
+    if requested is not None:
+        log.info("serving dtype %s (asked for)", requested)
+        return requested
+    dtype, reason = choose_dtype(engine_device(), cpu_flags())
+    log.info("serving dtype %s: %s", dtype, reason)
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -107,8 +170,10 @@ class EngineOptions:
     gap: int = positional.DEFAULT_GAP
     max_model_len: int = 8192
     kv_cache_gb: float = 1.0
-    dtype: str = "auto"
+    dtype: str | None = None  # None: chosen for this machine (choose_dtype); an explicit value wins
     max_num_seqs: int = 16
+    # vLLM distributed_executor_backend; None: "uni" on a CPU with one worker (choose_executor)
+    executor: str | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -142,6 +207,7 @@ def engine_args(info: ModelInfo, options: EngineOptions):
         "speakwatch_assistant_header": list(info.chat.assistant_header),
         "speakwatch_im_end": info.chat.im_end,
     }
+    world_size = options.tensor_parallel_size * options.pipeline_parallel_size * options.data_parallel_size
     kwargs: dict[str, Any] = dict(
         model=str(info.path),
         tokenizer=str(info.path),
@@ -150,7 +216,8 @@ def engine_args(info: ModelInfo, options: EngineOptions):
         enable_mm_embeds=True,
         max_model_len=options.max_model_len,
         kv_cache_memory_bytes=int(options.kv_cache_gb * 2**30),
-        dtype=options.dtype,
+        dtype=options.dtype if options.dtype is not None else resolve_dtype(None),
+        distributed_executor_backend=options.executor or choose_executor(engine_device(), world_size),
         enforce_eager=options.enforce_eager,
         max_num_seqs=options.max_num_seqs,
         tensor_parallel_size=options.tensor_parallel_size,
@@ -177,12 +244,56 @@ def configure_process_environment(kv_cache_gb: float) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
 
 
+def in_process_threads(cpus: int) -> int:
+    """Torch threads for a model run inside the engine-core process: one core left to the serving
+    process (event loop, vision encoder), as vLLM's "mp" layout leaves one to its scheduler."""
+    return max(1, cpus - 1)
+
+
+@contextlib.contextmanager
+def _in_process_worker(backend: str | None) -> Iterator[None]:
+    """While the engine is configured and spawned: let the CPU build keep the "uni" executor, and
+    size the engine process's OpenMP pool.
+
+    vLLM's CPU platform turns "uni" back into "mp" unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; for
+    `AsyncLLM` that variable changes nothing else (its engine core is always its own process). With
+    "uni" vLLM sizes no thread pool: torch would take every core, and its OpenMP threads then wait
+    on each other and on our process (a decode 8x slower on 2 busy cores). Both variables are set
+    only while the engine starts (the spawned process keeps them) and an explicit value wins.
+    """
+    if backend != "uni":
+        yield
+        return
+    chosen = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(in_process_threads(len(os.sched_getaffinity(0)))),
+    }
+    multiprocessing = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if multiprocessing != "0":
+        log.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s: CPU build keeps a worker process", multiprocessing)
+    added = [name for name in chosen if name not in os.environ]
+    for name in added:
+        os.environ[name] = chosen[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def build_async_llm(info: ModelInfo, options: EngineOptions):
     """Start a vLLM `AsyncLLM` (blocking: seconds to minutes; run it off the event loop)."""
     configure_process_environment(options.kv_cache_gb)
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    args = engine_args(info, options)
     log.info(
-        "starting vLLM engine for %s (%s, positions=%s)", info.path, info.architecture, options.positions
+        "starting vLLM engine for %s (%s, positions=%s, dtype=%s, executor=%s)",
+        info.path,
+        info.architecture,
+        options.positions,
+        args.dtype,
+        args.distributed_executor_backend,
     )
-    return AsyncLLM.from_engine_args(engine_args(info, options))
+    with _in_process_worker(args.distributed_executor_backend):
+        return AsyncLLM.from_engine_args(args)

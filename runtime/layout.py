@@ -1,9 +1,9 @@
 """The streaming layout: the token stream a live session sends to vLLM, one chunk at a time.
 
 A session's KV cache is a sequence of *pieces* in arrival order: text token ids and visual items.
-The session scheduler (runtime/session.py) builds every chunk it sends with the functions here, and
-the trainer (runtime/training/) builds its samples by `StreamBuilder`, which calls the same
-functions in the same order the scheduler does. So a model is trained on exactly the layout it is
+The session's turn scheduler (runtime/scheduler.py) builds every chunk it sends with the functions
+here, and the trainer (runtime/training/) builds its samples by `StreamBuilder`, which calls the
+same functions in the same order the scheduler does. So a model is trained on exactly the layout it is
 served with, and the two cannot drift.
 
 Rules of a vLLM streaming request that shape the layout (see vllm.md):

@@ -66,27 +66,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def check_frame(frame: object) -> np.ndarray:
-    """An RGB uint8 H x W x 3 array from an ndarray or `av.VideoFrame`, or ValueError saying why not."""
-    if not isinstance(frame, np.ndarray):
-        to_ndarray = getattr(frame, "to_ndarray", None)
-        if to_ndarray is None:
-            raise ValueError(
-                f"frame must be an HxWx3 uint8 numpy array or av.VideoFrame, got {type(frame).__name__}"
-            )
-        frame = to_ndarray(format="rgb24")
-    assert isinstance(frame, np.ndarray)
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"frame must have shape (H, W, 3), got {frame.shape}")
-    if frame.dtype != np.uint8:
-        raise ValueError(f"frame must be uint8 RGB, got dtype {frame.dtype}")
-    if frame.shape[0] < 2 or frame.shape[1] < 2:
-        raise ValueError(f"frame is too small: {frame.shape[1]}x{frame.shape[0]}")
-    if max(frame.shape[:2]) / min(frame.shape[:2]) > 200:
-        raise ValueError(f"frame aspect ratio must be below 200, got {frame.shape[1]}x{frame.shape[0]}")
-    return frame
-
-
 @dataclass(frozen=True)
 class FrameGeometry:
     """Qwen's preprocessing of a checkpoint: resize rule, normalisation and patch layout.

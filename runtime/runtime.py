@@ -7,14 +7,16 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.engine import EngineOptions, ModelInfo, build_async_llm
+from runtime.engine import DTYPE_BITS, EngineOptions, ModelInfo, build_async_llm, resolve_dtype
 from runtime.errors import EngineUnavailable
 from runtime.memory import MemoryConfig
-from runtime.session import SCHEDULES, Schedule, Session
+from runtime.session import Session
+from runtime.wire import SCHEDULES, Schedule
+from streams.change import ChangeFilterSettings
 
 log = logging.getLogger("speakwatch.runtime")
 
@@ -40,6 +42,9 @@ class RuntimeSettings:
     window_steps: int = 8  # recent visual steps carried into the next request on a rollover
     dialogue_turns: int = 4  # recent question/answer pairs carried over
     memory: MemoryConfig | None = None  # None: defaults for the model size; MemoryConfig(enabled=False): off
+    # push_frame's scene-change filter: frames that show nothing new are dropped ("unchanged"), one
+    # still goes in every keepalive_s; ChangeFilterSettings(enabled=False): every frame goes in
+    change_filter: ChangeFilterSettings = field(default_factory=ChangeFilterSettings)
 
     def __post_init__(self) -> None:
         if self.turn_tokens is not None and self.turn_tokens < 1:
@@ -48,6 +53,8 @@ class RuntimeSettings:
             raise ValueError("max_output_tokens must be >= 1")
         if self.max_fps <= 0:
             raise ValueError("max_fps must be positive")
+        if not isinstance(self.change_filter, ChangeFilterSettings):
+            raise ValueError("change_filter must be a ChangeFilterSettings")
 
 
 class Runtime:
@@ -97,6 +104,11 @@ class Runtime:
         return self.options.positions
 
     @property
+    def dtype(self) -> str | None:
+        """The dtype the engine serves in (None until `start` chooses one for this machine)."""
+        return self.options.dtype
+
+    @property
     def budget_tokens(self) -> int:
         """Tokens a session's live request may hold before it rolls over."""
         budget = self.settings.budget_tokens or (3 * self.options.max_model_len) // 4
@@ -133,6 +145,8 @@ class Runtime:
             log.info("using the built-in watching checkpoint %s", self.model_path)
         self.info = await asyncio.to_thread(ModelInfo.load, self.model_path)
         self.options = replace(self.options, positions=self.info.positions_for(self.options.positions))
+        # the dtype for this machine's processor unless one was asked for (logged; see `dtype`)
+        self.options = replace(self.options, dtype=await asyncio.to_thread(resolve_dtype, self.options.dtype))
         if self.settings.turn_tokens is None:
             self.settings = replace(
                 self.settings, turn_tokens=self.info.trained_turn_tokens or DEFAULT_TURN_TOKENS
@@ -174,12 +188,18 @@ class Runtime:
         schedule: Schedule | None = None,
         *,
         max_fps: float | None = None,
+        change_filter: ChangeFilterSettings | None = None,
     ) -> Session:
-        """A new session on this runtime's engine (call from the event loop)."""
+        """A new session on this runtime's engine (call from the event loop); ``max_fps`` and
+        ``change_filter`` default to the runtime's settings."""
         if not self.ready:
             raise EngineUnavailable("the engine is not running; await runtime.start() first")
         session = Session(
-            self, instructions=instructions, schedule=schedule or self.schedule, max_fps=max_fps
+            self,
+            instructions=instructions,
+            schedule=schedule or self.schedule,
+            max_fps=max_fps,
+            change_filter=change_filter,
         )
         self.sessions[session.id] = session
         return session
@@ -210,12 +230,14 @@ class Runtime:
             "ready": self.ready,
             "model": self.model_name,
             "positions": self.positions,
+            "dtype": self.dtype,
+            "dtype_bits": DTYPE_BITS.get(self.dtype or "", 0),  # numeric, so /metrics shows it (0: "auto")
             "sessions": len(sessions),
-            "kv_tokens": sum(s["session_tokens"] for s in sessions),
-            "rollovers": sum(s["rollovers"] for s in sessions),
-            "frames_received": sum(s["frames_received"] for s in sessions),
-            "frames_ingested": sum(s["frames_ingested"] for s in sessions),
-            "frames_dropped": sum(s["frames_dropped"] for s in sessions),
+            "kv_tokens": sum(s.session_tokens for s in sessions),
+            "rollovers": sum(s.rollovers for s in sessions),
+            "frames_received": sum(s.frames_received for s in sessions),
+            "frames_ingested": sum(s.frames_ingested for s in sessions),
+            "frames_dropped": sum(s.frames_dropped for s in sessions),
         }
 
 

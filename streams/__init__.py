@@ -10,7 +10,8 @@ Every source has the same interface::
 
 Common keyword arguments: ``fps`` (target rate, default 2, None = all), ``buffer_size`` (latest-N, 4),
 ``max_age`` (seconds, 2), ``max_size`` ((w, h) resolution cap, keeps aspect). Every queue is bounded
-and every dropped frame is counted by reason (``rate``, ``overflow``, ``stale``, ``error``, ``closed``).
+and every dropped frame is counted by reason (``rate``, ``overflow``, ``stale``, ``error``, ``closed``,
+``unchanged``: a sampler given a :class:`ChangeFilter` holds back frames that show nothing new).
 RGB conversion and scaling run on worker threads, only for frames the sampler keeps.
 
 WebRTC: :class:`WebRTCPeer` accepts an SDP offer, returns the answer, exposes the video as a
@@ -18,8 +19,9 @@ WebRTC: :class:`WebRTCPeer` accepts an SDP offer, returns the answer, exposes th
 :func:`synthetic_track` / :class:`SourceTrack` are the sending side (tests, benchmark, chat client).
 """
 
+from .change import ChangeFilter, ChangeFilterSettings
 from .convert import fit_size, to_rgb
-from .frame import Frame
+from .frame import Frame, rgb_pixels
 from .sampler import FrameSampler, StreamStats
 from .sources import FileSource, FrameSource, PushSource, SyntheticSource, TrackSource
 from .tracks import SourceTrack, synthetic_track
@@ -27,6 +29,8 @@ from .webrtc import EVENTS_LABEL, ChannelClosed, EventChannel, WebRTCPeer
 
 __all__ = [
     "EVENTS_LABEL",
+    "ChangeFilter",
+    "ChangeFilterSettings",
     "ChannelClosed",
     "EventChannel",
     "FileSource",
@@ -40,6 +44,7 @@ __all__ = [
     "TrackSource",
     "WebRTCPeer",
     "fit_size",
+    "rgb_pixels",
     "synthetic_track",
     "to_rgb",
 ]

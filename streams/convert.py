@@ -11,6 +11,8 @@ from typing import TypeVar
 import av
 import numpy as np
 
+from .frame import rgb_pixels
+
 Size = tuple[int, int]  # (width, height)
 T = TypeVar("T")
 
@@ -45,23 +47,21 @@ def fit_size(width: int, height: int, max_size: Size | None) -> Size:
 def to_rgb(image: av.VideoFrame | np.ndarray, max_size: Size | None = None) -> np.ndarray:
     """An H x W x 3 uint8 RGB array from a decoded video frame or an array (RGB, RGBA or grey).
 
+    Grey and RGBA arrays are converted, everything else is left to `rgb_pixels` to accept or refuse.
     Blocking (swscale): call it through :func:`run_off_loop`.
     """
     if isinstance(image, av.VideoFrame):
         width, height = fit_size(image.width, image.height, max_size)
-        return image.to_ndarray(format="rgb24", width=width, height=height)
+        return rgb_pixels(image.to_ndarray(format="rgb24", width=width, height=height))
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an H x W x 3 (or x 4, or H x W) image, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {arr.dtype}")
-    if arr.shape[2] == 4:
+    elif arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
+    arr = rgb_pixels(np.ascontiguousarray(arr))
     height, width = arr.shape[:2]
     target = fit_size(width, height, max_size)
     if target == (width, height):
-        return np.ascontiguousarray(arr)
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+        return arr
+    frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
     return frame.to_ndarray(format="rgb24", width=target[0], height=target[1])

@@ -1,8 +1,11 @@
-"""Which frames a session gets: a rate cap, a latest-N buffer and an age limit, with every drop counted.
+"""Which frames a session gets: a rate cap, a latest-N buffer, an age limit and a scene-change filter,
+with every drop counted.
 
 The logic is synchronous and clock-injectable so it can be tested without asyncio or real time.
 A source asks :meth:`FrameSampler.admit` *before* it pays for converting a frame, hands the converted
-frame to :meth:`FrameSampler.offer`, and the consumer pulls with :meth:`FrameSampler.take`.
+frame to :meth:`FrameSampler.offer`, and the consumer pulls with :meth:`FrameSampler.take`. The
+change filter (`streams.change`) runs in ``take``, last, so that its reference is always the last
+frame actually delivered, and a frame it holds back costs no encoding and no prefill.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .change import UNCHANGED, ChangeFilter
 from .frame import Frame
 
 #: Drop reasons used by the sampler and the sources.
 RATE = "rate"  # above the target fps
 OVERFLOW = "overflow"  # pushed out of a full bounded queue by a newer frame
 STALE = "stale"  # older than max_age when it would have been delivered
-ERROR = "error"  # could not be converted
+ERROR = "error"  # could not be converted, or is not an RGB picture
 CLOSED = "closed"  # still queued when the source was closed
+# and UNCHANGED ("unchanged", from streams.change): nothing new since the last delivered frame
 
 
 @dataclass
@@ -58,11 +63,13 @@ class StreamStats:
 
 
 class FrameSampler:
-    """Rate cap on stream time + bounded latest-N buffer + age limit on arrival time.
+    """Rate cap on stream time + bounded latest-N buffer + age limit on arrival time + change filter.
 
-    ``fps=None`` keeps every frame; ``max_age=None`` never drops for age. The rate cap keeps frames on a
-    grid of 1/fps in stream time (no drift, no burst after a gap); a backwards jump of more than a second
-    (a looping file, a restarted camera) restarts the grid.
+    ``fps=None`` keeps every frame; ``max_age=None`` never drops for age; ``change=None`` never drops a
+    frame for showing nothing new (`UNCHANGED`). The rate cap keeps frames on a grid of 1/fps in stream
+    time (no drift, no burst after a gap); a backwards jump of more than a second (a looping file, a
+    restarted camera) restarts the grid. The change filter's keep-alive runs on arrival time, the
+    clock on which the model's view goes stale.
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class FrameSampler:
         buffer_size: int = 4,
         max_age: float | None = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        change: ChangeFilter | None = None,
     ) -> None:
         if fps is not None and fps <= 0:
             raise ValueError("fps must be positive or None")
@@ -80,6 +88,7 @@ class FrameSampler:
         self.buffer_size = buffer_size
         self.max_age = max_age
         self.clock = clock
+        self.change = change
         self.stats = StreamStats()
         self._buffer: deque[Frame] = deque()
         self._next_due: float | None = None
@@ -116,13 +125,27 @@ class FrameSampler:
         self._buffer.append(frame)
 
     def take(self) -> Frame | None:
-        """The oldest queued frame that is still fresh, or None. Stale frames are dropped on the way."""
+        """The oldest queued frame that is still fresh and shows something new, or None.
+
+        Stale and unchanged frames are dropped (and counted) on the way; a frame the change filter
+        refuses as malformed is counted as `ERROR`, so ``take`` never loses a frame uncounted.
+        """
         now = self.clock()
         while self._buffer:
             frame = self._buffer.popleft()
             if self._is_stale(frame, now):
                 self.stats.drop(STALE)
                 continue
+            if self.change is not None:
+                try:
+                    decision = self.change.decide(frame.rgb, frame.arrival)
+                except ValueError:
+                    self.stats.drop(ERROR)
+                    continue
+                if not decision.keep:
+                    self.stats.drop(UNCHANGED)
+                    continue
+                self.change.commit(decision)  # the reference is the last frame delivered
             self.stats.delivered += 1
             return frame
         return None

@@ -88,8 +88,8 @@ class FrameSource:
         self.start()
         while True:
             frame = self.sampler.take()
+            self._room.set()  # take() may also have dropped queued frames (stale, unchanged): room
             if frame is not None:
-                self._room.set()
                 return frame
             if self._finished or self._closed:
                 if self._error is not None:
@@ -212,13 +212,14 @@ class FrameSource:
                 self._converting = True
                 try:
                     rgb = await run_off_loop(self._convert, raw)
-                except Exception as exc:
+                    frame = Frame(rgb=rgb, timestamp=timestamp, arrival=arrival, index=index)
+                except Exception as exc:  # undecodable, or pixels `rgb_pixels` refuses
                     logger.warning("%s: frame conversion failed: %r", type(self).__name__, exc)
                     self.sampler.stats.drop(ERROR)
                     continue
                 finally:
                     self._converting = False
-                self.sampler.offer(Frame(rgb=rgb, timestamp=timestamp, arrival=arrival, index=index))
+                self.sampler.offer(frame)
                 self._wake.set()
                 self._room.set()
         finally:

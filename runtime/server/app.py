@@ -14,17 +14,18 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from aiohttp import WSCloseCode, web
+from aiohttp.typedefs import Handler
 
-from streams import WebRTCPeer
+from runtime.wire import Schedule
+from streams import ChangeFilterSettings, WebRTCPeer
 
+from .contract import ServedRuntime
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import DEFAULT_VIDEO, Limits, SessionConfig, error_event, session_limit_reached
-from .transport import Call, ChannelSink, ConnectionOptions, RealtimeConnection, WebSocketSink
+from .transport import Call, ChannelSink, ConnectionOptions, EventSink, RealtimeConnection, WebSocketSink
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ServerConfig:
     max_sessions: int = 16  # realtime sessions at once (WebSocket sessions + standalone WebRTC calls)
     max_fps: float = 30.0  # the highest frame rate a session may ask for (session.video.max_fps)
     default_fps: float = DEFAULT_VIDEO["max_fps"]  # a new session's frame-rate cap; faster frames dropped
+    # a new session's scene-change filter (session.video.change_filter changes it per session)
+    change_filter: ChangeFilterSettings = field(default_factory=ChangeFilterSettings)
     limits: Limits = field(default_factory=Limits)  # message bytes, image pixels/bytes, instructions...
     ws_max_msg_size: int = 64 * 1024 * 1024  # above limits.max_message_bytes: the core answers, not aiohttp
     ws_heartbeat: float | None = 30.0  # ping interval that finds vanished clients
@@ -50,7 +53,7 @@ class ServerConfig:
     max_calls_per_session: int = 2  # WebRTC calls feeding one session's video at once
     media_timeout: float = 10.0  # a WebRTC track silent this long ends
     cancel_timeout: float = 5.0
-    static_dir: Path | None = None  # None: the package's client/web/
+    static_dir: Path | None = None  # None: the live camera page shipped with the server (WEB_ROOT)
     own_runtime: bool = True  # start the runtime in the background at startup, close it at cleanup
 
     def __post_init__(self) -> None:
@@ -62,7 +65,7 @@ class ServerConfig:
             raise ValueError("ws_max_msg_size must exceed limits.max_message_bytes")
 
     def connection_options(
-        self, max_output_tokens: int | None = None, schedule: str | None = None
+        self, max_output_tokens: int | None = None, schedule: Schedule | None = None
     ) -> ConnectionOptions:
         """What every connection gets; ``max_output_tokens`` is the runtime's own cap, if lower, and
         ``schedule`` the runtime's default schedule."""
@@ -70,11 +73,11 @@ class ServerConfig:
         if max_output_tokens is not None and max_output_tokens < limits.max_output_tokens:
             limits = replace(limits, max_output_tokens=max_output_tokens)
         video = {**DEFAULT_VIDEO, "max_fps": min(self.default_fps, self.max_fps)}
-        if schedule in ("parallel", "sequential"):
+        if schedule is not None:
             video["schedule"] = schedule
         return ConnectionOptions(
             limits=limits,
-            defaults=SessionConfig(video=video),
+            defaults=SessionConfig(video=video, change_filter=self.change_filter),
             stats_interval=self.stats_interval,
             max_pending_images=self.max_pending_images,
             cancel_timeout=self.cancel_timeout,
@@ -84,12 +87,10 @@ class ServerConfig:
 class RealtimeServer:
     """The state behind one app: the runtime's startup, the open sessions and calls, the metrics."""
 
-    def __init__(self, runtime: Any, config: ServerConfig) -> None:
+    def __init__(self, runtime: ServedRuntime, config: ServerConfig) -> None:
         self.runtime = runtime
         self.config = config
-        self.options = config.connection_options(
-            _runtime_max_output_tokens(runtime), getattr(runtime, "schedule", None)
-        )
+        self.options = config.connection_options(runtime.max_output_tokens, runtime.schedule)
         self.metrics = ServerMetrics(runtime)
         self.connections: dict[str, RealtimeConnection] = {}
         self.calls: dict[str, Call] = {}
@@ -100,17 +101,16 @@ class RealtimeServer:
 
     @property
     def ready(self) -> bool:
-        return bool(getattr(self.runtime, "ready", False))
+        return self.runtime.ready
 
     @property
     def model_name(self) -> str:
-        return str(getattr(self.runtime, "model_name", None) or "speakwatch")
+        return self.runtime.model_name or "speakwatch"
 
     @property
     def positions(self) -> str | None:
         """The served scheme; None while loading (the runtime reads it from the checkpoint)."""
-        positions = getattr(self.runtime, "positions", None)
-        return str(positions) if positions else None
+        return self.runtime.positions or None
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Until the startup has finished; True when the engine is ready."""
@@ -161,13 +161,12 @@ class RealtimeServer:
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    def open_connection(self, sink: Any) -> RealtimeConnection | None:
+    def open_connection(self, sink: EventSink) -> RealtimeConnection | None:
         """A new session on ``sink``, or None when the server is full. Synchronous: no race between the
         check and the registration."""
         if len(self.connections) >= self.config.max_sessions:
             return None
         session = self.runtime.open_session()  # raises EngineUnavailable while loading
-        session.update(max_fps=self.options.defaults.video["max_fps"])  # the session samples at our rate
         positions = self.positions
         assert positions is not None, "a started runtime serves a resolved scheme"
         conn = RealtimeConnection(
@@ -193,17 +192,6 @@ class RealtimeServer:
 
 
 SERVER = web.AppKey("speakwatch.server", RealtimeServer)
-
-
-def _runtime_max_output_tokens(runtime: Any) -> int | None:
-    """The longest answer the runtime accepts (``Session.ask`` rejects more), if it says."""
-    for value in (
-        getattr(runtime, "max_output_tokens", None),
-        getattr(getattr(runtime, "settings", None), "max_output_tokens", None),
-    ):
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,13 +236,11 @@ def _choose_subprotocol(offered: list[str]) -> str | None:
     return (plain or offered or [None])[0]
 
 
-def _static_root(config: ServerConfig) -> Path | None:
-    if config.static_dir is not None:
-        return Path(config.static_dir)
-    try:
-        return Path(str(resources.files("client") / "web"))
-    except (ModuleNotFoundError, TypeError):
-        return None
+WEB_ROOT = Path(__file__).with_name("web")  # the live camera page: package data of runtime.server
+
+
+def _static_root(config: ServerConfig) -> Path:
+    return WEB_ROOT if config.static_dir is None else Path(config.static_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,13 +248,13 @@ def _static_root(config: ServerConfig) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(runtime: Any, config: ServerConfig | None = None) -> web.Application:
+def create_app(runtime: ServedRuntime, config: ServerConfig | None = None) -> web.Application:
     """The aiohttp application serving ``runtime``; ``app[SERVER]`` is its :class:`RealtimeServer`."""
     config = config or ServerConfig()
     server = RealtimeServer(runtime, config)
 
     @web.middleware
-    async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if config.api_key and request.path.startswith("/v1/"):
             if not _key_ok(_presented_keys(request), config.api_key):
                 return _error(
@@ -283,7 +269,7 @@ def create_app(runtime: Any, config: ServerConfig | None = None) -> web.Applicat
     app.on_cleanup.append(server.on_cleanup)
 
     async def health(request: web.Request) -> web.Response:
-        body: dict[str, Any] = {
+        body: dict[str, object] = {
             "model": server.model_name,
             "positions": server.positions,
             "sessions": len(server.connections),
@@ -403,7 +389,7 @@ def create_app(runtime: Any, config: ServerConfig | None = None) -> web.Applicat
     async def static(request: web.Request) -> web.StreamResponse:
         root = _static_root(config)
         name = request.match_info.get("path") or "index.html"
-        if root is None or not root.is_dir():
+        if not root.is_dir():
             raise web.HTTPNotFound(text="no web client is installed")
         base = root.resolve()
         target = (base / name).resolve()

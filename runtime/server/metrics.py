@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .contract import ServedRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ class _EngineCollector(Collector):
     """Numbers from ``runtime.stats()`` when scraped: ``speakwatch_kv_tokens`` plus every numeric key
     as ``speakwatch_engine_<key>`` (the engine decides what it reports; nothing is cached here)."""
 
-    def __init__(self, stats: Callable[[], Mapping[str, Any]], ready: Callable[[], bool]) -> None:
+    def __init__(self, stats: Callable[[], Mapping[str, object]], ready: Callable[[], bool]) -> None:
         self._stats = stats
         self._ready = ready
 
@@ -36,7 +39,7 @@ class _EngineCollector(Collector):
         ready = GaugeMetricFamily("speakwatch_engine_ready", "1 when the engine is loaded and serving")
         ready.add_metric([], 1.0 if self._ready() else 0.0)
         yield ready
-        stats: Mapping[str, Any] = {}
+        stats: Mapping[str, object] = {}
         if self._ready():
             try:
                 stats = self._stats() or {}
@@ -54,7 +57,7 @@ class _EngineCollector(Collector):
             yield family
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -63,7 +66,7 @@ def _number(value: Any) -> float | None:
 class ServerMetrics:
     """Every metric the server exports; ``render()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, runtime: Any = None) -> None:
+    def __init__(self, runtime: ServedRuntime | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions = Gauge("speakwatch_sessions", "open realtime sessions", registry=r)
@@ -106,9 +109,7 @@ class ServerMetrics:
         self.rollovers = Counter("speakwatch_rollovers", "session rollovers (fresh vLLM request)", registry=r)
         self.errors = Counter("speakwatch_client_errors", "error events sent, by code", ["code"], registry=r)
         if runtime is not None:
-            r.register(
-                _EngineCollector(lambda: runtime.stats(), lambda: bool(getattr(runtime, "ready", False)))
-            )
+            r.register(_EngineCollector(lambda: runtime.stats(), lambda: runtime.ready))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,8 +3,10 @@
 The core is a pure state machine in the style of h11/websockets: the transport feeds it one client
 message at a time (``receive``) and the session runtime reports how a response streams
 (``text_delta``, ``response_finished``, ...); every call returns a list of outputs, which are either
-``ServerEvent`` (a JSON-ready payload the transport sends) or an ``Action`` (something the app must
-do: update the session, add a user message, ingest a frame, start or cancel a generation).
+a `ServerEvent` (a typed event of `runtime.wire`, which the transport encodes and sends) or an
+``Action`` (something the app must do: update the session, add a user message, ingest a frame,
+start or cancel a generation). The events' shapes and their decoding live in `runtime.wire`, shared
+with the client; this module adds what needs the session's state and the server's limits.
 Nothing here touches sockets, asyncio, clocks or image decoders, so every transport (WebSocket,
 WebRTC data channel) and the tests share one implementation of validation, ids and event order.
 
@@ -24,14 +26,62 @@ Rules the implementation follows (see design/protocol.md):
 
 from __future__ import annotations
 
-import binascii
 import json
-import math
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Literal, TypeAlias
+
+from runtime.wire import (
+    FINAL_STATUSES,
+    JSON,
+    UNSET,
+    ChangeFilterConfig,
+    ChangeFilterUpdate,
+    ContentPartAdded,
+    ContentPartDone,
+    ConversationItemAdded,
+    ConversationItemCreate,
+    ConversationItemDeleted,
+    ConversationItemDone,
+    ErrorEvent,
+    ErrorInfo,
+    InputImage,
+    InputText,
+    InputVideoAppend,
+    InputVideoStats,
+    JSONObject,
+    MessageItem,
+    OutputItemAdded,
+    OutputItemDone,
+    OutputText,
+    OutputTextDelta,
+    OutputTextDone,
+    ResponseCancel,
+    ResponseCreate,
+    ResponseCreated,
+    ResponseDone,
+    ResponseFailure,
+    ResponseObject,
+    ResponseStatus,
+    Schedule,
+    ServerEvent,
+    SessionCreated,
+    SessionObject,
+    SessionStats,
+    SessionUpdate,
+    SessionUpdated,
+    StatusDetails,
+    Usage,
+    VideoConfig,
+    VideoUpdate,
+    WireError,
+    decode_client_event,
+    decode_image_data_url,
+    is_int,
+)
+from streams.change import ChangeFilterSettings
 
 __all__ = [
     "DEFAULT_VIDEO",
@@ -39,6 +89,7 @@ __all__ = [
     "AddUserMessage",
     "AppendFrame",
     "CancelResponse",
+    "ErrorEvent",
     "Limits",
     "Output",
     "RealtimeProtocol",
@@ -51,13 +102,9 @@ __all__ = [
     "session_limit_reached",
 ]
 
-ResponseStatus = Literal["completed", "cancelled", "failed", "incomplete"]
 IdFactory = Callable[[str], str]
-
-SCHEDULES = ("parallel", "sequential")
-IMAGE_MIME_TYPES = ("image/jpeg", "image/jpg", "image/png")
-IMAGE_DETAILS = ("auto", "low", "high")
-DEFAULT_VIDEO: Mapping[str, Any] = {"max_fps": 2.0, "schedule": "parallel", "window": 16}
+VideoSettings: TypeAlias = dict[str, float | str]  # max_fps, schedule and (once started) positions
+DEFAULT_VIDEO: Mapping[str, float | str] = {"max_fps": 2.0, "schedule": "parallel"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +127,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """What ``session.update`` can change. ``video`` always holds max_fps, schedule, window, positions.
+    """What ``session.update`` can change. ``video`` always holds max_fps, schedule and positions;
+    ``change_filter`` is the wire's ``video.change_filter``, applied to every input of the connection.
 
     ``max_output_tokens=None`` means "as many as the server allows" (``Limits.max_output_tokens``),
     which is also what a client's ``"inf"`` becomes.
@@ -88,21 +136,8 @@ class SessionConfig:
 
     instructions: str | None = None
     max_output_tokens: int | None = None
-    video: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_VIDEO))
-
-
-@dataclass(frozen=True)
-class ServerEvent:
-    """One server event, ready for ``json.dumps``; wrapped so transports can tell it from actions."""
-
-    payload: dict[str, Any]
-
-    @property
-    def type(self) -> str:
-        return self.payload["type"]
-
-    def to_json(self) -> str:
-        return json.dumps(self.payload, ensure_ascii=False, separators=(",", ":"))
+    video: VideoSettings = field(default_factory=lambda: dict(DEFAULT_VIDEO))
+    change_filter: ChangeFilterSettings = field(default_factory=ChangeFilterSettings)
 
 
 @dataclass(frozen=True)
@@ -140,7 +175,7 @@ class StartResponse:
 
     response_id: str
     instructions: str | None
-    max_output_tokens: int | None
+    max_output_tokens: int
 
 
 @dataclass(frozen=True)
@@ -164,19 +199,6 @@ def default_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-class _Invalid(Exception):
-    """A client event failed validation; becomes one ``error`` event."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-
-
-_SERVER_ERROR_CODES = frozenset({"session_limit_reached", "engine_unavailable"})
-
-
 def error_event(
     code: str,
     message: str,
@@ -184,132 +206,55 @@ def error_event(
     param: str | None = None,
     client_event_id: str | None = None,
     event_id: str | None = None,
-) -> ServerEvent:
+) -> ErrorEvent:
     """Build an ``error`` event; ``type`` is ``server_error`` for server-side causes."""
-    kind = "server_error" if code in _SERVER_ERROR_CODES else "invalid_request_error"
-    return ServerEvent(
-        {
-            "type": "error",
-            "event_id": event_id or default_id("event"),
-            "error": {
-                "type": kind,
-                "code": code,
-                "message": message,
-                "param": param,
-                "event_id": client_event_id,
-            },
-        }
+    return ErrorEvent(
+        event_id=event_id or default_id("event"), error=ErrorInfo.of(code, message, param, client_event_id)
     )
 
 
-def session_limit_reached(message: str = "the server has no room for another session") -> ServerEvent:
+def session_limit_reached(message: str = "the server has no room for another session") -> ErrorEvent:
     """The error a transport sends before closing a connection it cannot serve (no core exists yet)."""
     return error_event("session_limit_reached", message)
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers (pure; raise _Invalid)
+# Checks that need the server's limits (the schema's own checks are in runtime.wire)
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _decode_data_url(url: Any, param: str, limits: Limits) -> bytes:
-    """``data:image/jpeg|png;base64,...`` to bytes; checks mime, base64, size and the file signature."""
-    if not isinstance(url, str):
-        raise _Invalid("invalid_value", "expected a data URL string", param)
-    head, sep, data = url.partition(",")
-    if not sep or head[:5].lower() != "data:":
-        raise _Invalid("invalid_image", "expected a data URL (data:image/jpeg;base64,...)", param)
-    mime, *params = head[5:].split(";")
-    if mime.strip().lower() not in IMAGE_MIME_TYPES:
-        raise _Invalid(
-            "invalid_image", f"unsupported image type {mime!r}: use image/jpeg or image/png", param
-        )
-    if not params or params[-1].strip().lower() != "base64":
-        raise _Invalid("invalid_image", "the data URL must be base64-encoded", param)
-    # Reject before decoding: base64 expands 3 bytes to 4 characters.
-    if len(data) > (limits.max_image_bytes + 2) // 3 * 4:
-        raise _Invalid("invalid_image", f"image larger than {limits.max_image_bytes} bytes", param)
-    try:
-        raw = binascii.a2b_base64(data, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _Invalid("invalid_image", f"invalid base64: {exc}", param) from None
-    if len(raw) > limits.max_image_bytes:
-        raise _Invalid("invalid_image", f"image larger than {limits.max_image_bytes} bytes", param)
-    if not (raw.startswith(b"\xff\xd8\xff") or raw.startswith(b"\x89PNG\r\n\x1a\n")):
-        raise _Invalid("invalid_image", "the data is not a JPEG or PNG image", param)
-    return raw
-
-
-def _check_instructions(value: Any, param: str, limits: Limits) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise _Invalid("invalid_value", "instructions must be a string", param)
-    if len(value) > limits.max_instructions_chars:
-        raise _Invalid(
+def _check_instructions(value: str | None, param: str, limits: Limits) -> None:
+    if value is not None and len(value) > limits.max_instructions_chars:
+        raise WireError(
             "invalid_value", f"instructions longer than {limits.max_instructions_chars} characters", param
         )
-    return value
 
 
-def _check_max_output_tokens(value: Any, param: str, limits: Limits) -> int | None:
-    """An int in 1..limit, or ``"inf"`` (= the server limit, stored as None)."""
-    if value is None or value == "inf":
-        return None
-    if not _is_int(value) or not 1 <= value <= limits.max_output_tokens:
-        raise _Invalid(
+def _check_max_output_tokens(value: int | Literal["inf"] | None, param: str, limits: Limits) -> None:
+    if is_int(value) and not 1 <= value <= limits.max_output_tokens:
+        raise WireError(
             "invalid_value",
             f'max_output_tokens must be an integer from 1 to {limits.max_output_tokens} or "inf"',
             param,
         )
-    return value
 
 
-def _check_output_modalities(value: Any, param: str) -> None:
-    if value is not None and value != ["text"]:
-        raise _Invalid("invalid_value", 'only output_modalities ["text"] is supported', param)
-
-
-def _check_no_tools(value: Any, param: str) -> None:
-    """Tools would silently never be called, so asking for them is an error rather than ignored."""
-    if value not in (None, []):
-        raise _Invalid("invalid_value", "tools are not supported", param)
-
-
-def _check_video(value: Any, current: Mapping[str, Any], positions: str, limits: Limits) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _Invalid("invalid_value", "video must be an object", "session.video")
+def _merge_video(
+    update: VideoUpdate, current: VideoSettings, positions: str, limits: Limits
+) -> VideoSettings:
     video = dict(current)
-    if "max_fps" in value:
-        fps = value["max_fps"]
-        if not _is_number(fps) or not 0 < fps <= limits.max_video_fps:
-            raise _Invalid(
+    if update.max_fps is not None:
+        if not 0 < update.max_fps <= limits.max_video_fps:
+            raise WireError(
                 "invalid_value",
                 f"max_fps must be a number in (0, {limits.max_video_fps}]",
                 "session.video.max_fps",
             )
-        video["max_fps"] = float(fps)
-    if "schedule" in value:
-        if value["schedule"] not in SCHEDULES:
-            raise _Invalid(
-                "invalid_value", 'schedule must be "parallel" or "sequential"', "session.video.schedule"
-            )
-        video["schedule"] = value["schedule"]
-    if "window" in value:
-        window = value["window"]
-        if not _is_int(window) or window < 1:
-            raise _Invalid("invalid_value", "window must be a positive integer", "session.video.window")
-        video["window"] = window
-    if "positions" in value and value["positions"] != positions:
-        raise _Invalid(
+        video["max_fps"] = update.max_fps
+    if update.schedule is not None:
+        video["schedule"] = update.schedule
+    if update.positions is not None and update.positions != positions:
+        raise WireError(
             "invalid_value",
             f"positions is fixed by the server ({positions!r}) and cannot be changed per session",
             "session.video.positions",
@@ -317,21 +262,35 @@ def _check_video(value: Any, current: Mapping[str, Any], positions: str, limits:
     return video
 
 
-def _usage(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenAI usage object from what the engine reports (input_tokens, output_tokens, details...)."""
-    input_tokens = int(usage.get("input_tokens", 0))
-    output_tokens = int(usage.get("output_tokens", 0))
-    input_details = {"text_tokens": 0, "image_tokens": 0, "audio_tokens": 0, "cached_tokens": 0}
-    input_details.update(usage.get("input_token_details") or {})
-    output_details = {"text_tokens": output_tokens, "audio_tokens": 0}
-    output_details.update(usage.get("output_token_details") or {})
-    return {
-        "total_tokens": int(usage.get("total_tokens", input_tokens + output_tokens)),
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-        "input_token_details": input_details,
-        "output_token_details": output_details,
-    }
+def _merge_change_filter(update: ChangeFilterUpdate, current: ChangeFilterSettings) -> ChangeFilterSettings:
+    """The settings with the update's values, each checked by `ChangeFilterSettings` (one place for
+    the ranges); a bad one is ``invalid_value`` naming its field."""
+    settings = current
+    for name, value in update.changes().items():
+        try:
+            settings = settings.updated({name: value})
+        except ValueError as exc:
+            raise WireError("invalid_value", str(exc), f"session.video.change_filter.{name}") from None
+    return settings
+
+
+def _usage(report: Mapping[str, JSON]) -> Usage:
+    """OpenAI usage from what the engine reports (input_tokens, output_tokens, details...)."""
+
+    def count(value: JSON) -> int:
+        return int(value) if isinstance(value, int | float) else 0
+
+    def details(value: JSON) -> dict[str, int]:
+        return {k: count(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    input_tokens, output_tokens = count(report.get("input_tokens")), count(report.get("output_tokens"))
+    return Usage(
+        input_tokens,
+        output_tokens,
+        {"text_tokens": 0, "image_tokens": 0, "audio_tokens": 0, "cached_tokens": 0}
+        | details(report.get("input_token_details")),
+        {"text_tokens": output_tokens, "audio_tokens": 0} | details(report.get("output_token_details")),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +303,7 @@ class _Response:
     id: str
     item_id: str
     max_output_tokens: int
-    metadata: dict[str, Any] | None
+    metadata: JSONObject | None
     text: list[str] = field(default_factory=list)
     cancelling: bool = False
 
@@ -376,7 +335,7 @@ class RealtimeProtocol:
         self._config = replace(defaults, video=video)
         self._defaults = self._config
         self._conversation_id = self._new_id("conv")
-        self._items: deque[dict[str, Any]] = deque(maxlen=limits.max_conversation_items)
+        self._items: deque[MessageItem] = deque(maxlen=limits.max_conversation_items)
         self._response: _Response | None = None
         self._usage = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0}
         self._started = False
@@ -392,9 +351,9 @@ class RealtimeProtocol:
         return self._response.id if self._response else None
 
     @property
-    def items(self) -> tuple[dict[str, Any], ...]:
-        """The remembered conversation items, oldest first (copies)."""
-        return tuple(_copy_item(item) for item in self._items)
+    def items(self) -> tuple[MessageItem, ...]:
+        """The remembered conversation items, oldest first."""
+        return tuple(self._items)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -408,7 +367,7 @@ class RealtimeProtocol:
         if self._started:
             raise RuntimeError("start() was already called")
         self._started = True
-        return [self._event("session.created", session=self._session_object())]
+        return [SessionCreated(event_id=self._new_id("event"), session=self._session_object())]
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -421,200 +380,131 @@ class RealtimeProtocol:
                 self._error("payload_too_large", f"message larger than {self.limits.max_message_bytes} bytes")
             ]
         try:
-            event = json.loads(message)
+            payload = json.loads(message)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return [self._error("invalid_json", "the message is not valid JSON")]
-        if not isinstance(event, dict):
+        if not isinstance(payload, dict):
             return [self._error("invalid_json", "the message must be a JSON object")]
-        client_event_id = event.get("event_id")
+        client_event_id = payload.get("event_id")
         if client_event_id is not None and not isinstance(client_event_id, str):
             return [self._error("invalid_value", "event_id must be a string", param="event_id")]
-        kind = event.get("type")
-        handler = self._handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            what = f"unsupported event type {kind!r}" if isinstance(kind, str) else "missing event type"
-            return [self._error("unknown_event", what, param="type", client_event_id=client_event_id)]
         try:
-            return handler(self, event, client_event_id)
-        except _Invalid as exc:
+            match decode_client_event(payload):
+                case SessionUpdate() as event:
+                    return self._on_session_update(event)
+                case ConversationItemCreate() as event:
+                    return self._on_item_create(event)
+                case ResponseCreate() as event:
+                    return self._on_response_create(event)
+                case ResponseCancel() as event:
+                    return self._on_response_cancel(event)
+                case InputVideoAppend() as event:
+                    return self._on_video_append(event)
+                case event:
+                    raise AssertionError(f"no handler for {event.type}")
+        except WireError as exc:
             return [self._error(exc.code, exc.message, param=exc.param, client_event_id=client_event_id)]
 
-    def _on_session_update(self, event: dict[str, Any], client_event_id: str | None) -> list[Output]:
-        session = event.get("session")
-        if not isinstance(session, dict):
-            raise _Invalid("invalid_value", "session must be an object", "session")
-        if "type" in session and session["type"] != "realtime":
-            raise _Invalid("invalid_value", 'only session type "realtime" is supported', "session.type")
-        _check_output_modalities(session.get("output_modalities"), "session.output_modalities")
-        _check_no_tools(session.get("tools"), "session.tools")
-        changes: dict[str, Any] = {}
+    def _on_session_update(self, event: SessionUpdate) -> list[Output]:
+        fields, config, defaults = event.session, self._config, self._defaults
+        instructions, max_tokens, video = config.instructions, config.max_output_tokens, config.video
+        change_filter = config.change_filter
         # null restores the server default; "inf" means up to the server limit (stored as None).
-        if "instructions" in session:
-            instructions = _check_instructions(session["instructions"], "session.instructions", self.limits)
-            changes["instructions"] = self._defaults.instructions if instructions is None else instructions
-        if "max_output_tokens" in session:
-            max_tokens = session["max_output_tokens"]
-            checked = _check_max_output_tokens(max_tokens, "session.max_output_tokens", self.limits)
-            changes["max_output_tokens"] = self._defaults.max_output_tokens if max_tokens is None else checked
-        if "video" in session:
-            changes["video"] = _check_video(session["video"], self._config.video, self.positions, self.limits)
-        self._config = replace(self._config, **changes)
-        return [UpdateSession(self.config), self._event("session.updated", session=self._session_object())]
+        if fields.instructions is not UNSET:
+            _check_instructions(fields.instructions, "session.instructions", self.limits)
+            instructions = defaults.instructions if fields.instructions is None else fields.instructions
+        if fields.max_output_tokens is not UNSET:
+            tokens = fields.max_output_tokens
+            _check_max_output_tokens(tokens, "session.max_output_tokens", self.limits)
+            max_tokens = defaults.max_output_tokens if tokens is None else None if tokens == "inf" else tokens
+        if fields.video is not None:
+            video = _merge_video(fields.video, config.video, self.positions, self.limits)
+            if fields.video.change_filter is not None:
+                change_filter = _merge_change_filter(fields.video.change_filter, change_filter)
+        self._config = SessionConfig(instructions, max_tokens, dict(video), change_filter)
+        return [
+            UpdateSession(self.config),
+            SessionUpdated(event_id=self._new_id("event"), session=self._session_object()),
+        ]
 
-    def _on_item_create(self, event: dict[str, Any], client_event_id: str | None) -> list[Output]:
-        previous = event.get("previous_item_id")
-        last_id = self._items[-1]["id"] if self._items else None
+    def _on_item_create(self, event: ConversationItemCreate) -> list[Output]:
+        previous = event.previous_item_id
+        last_id = self._items[-1].id if self._items else None
         if previous is not None and previous != last_id and not (previous == "root" and last_id is None):
-            raise _Invalid(
+            raise WireError(
                 "invalid_value",
                 "items can only be appended: previous_item_id must be the last item's id",
                 "previous_item_id",
             )
-        item = event.get("item")
-        if not isinstance(item, dict):
-            raise _Invalid("invalid_value", "item must be an object", "item")
-        if item.get("type", "message") != "message":
-            raise _Invalid("invalid_value", 'only items of type "message" are supported', "item.type")
-        if item.get("role") != "user":
-            raise _Invalid("invalid_value", 'only messages with role "user" can be created', "item.role")
-        item_id = item.get("id")
-        if item_id is None:
-            pass  # generated once the event has passed validation
-        elif not isinstance(item_id, str) or not item_id:
-            raise _Invalid("invalid_value", "item.id must be a non-empty string", "item.id")
-        elif any(existing["id"] == item_id for existing in self._items):
-            raise _Invalid("invalid_value", f"an item with id {item_id!r} already exists", "item.id")
-        content = item.get("content")
-        if not isinstance(content, list) or not content:
-            raise _Invalid("invalid_value", "item.content must be a non-empty list", "item.content")
+        message = event.item
+        if message.id is not None and any(existing.id == message.id for existing in self._items):
+            raise WireError("invalid_value", f"an item with id {message.id!r} already exists", "item.id")
         texts: list[str] = []
         images: list[bytes] = []
-        echoed: list[dict[str, Any]] = []
-        for index, part in enumerate(content):
-            where = f"item.content[{index}]"
-            if not isinstance(part, dict):
-                raise _Invalid("invalid_value", "a content part must be an object", where)
-            part_type = part.get("type")
-            if part_type == "input_text":
-                text = part.get("text")
-                if not isinstance(text, str):
-                    raise _Invalid("invalid_value", "text must be a string", f"{where}.text")
-                texts.append(text)
-                echoed.append({"type": "input_text", "text": text})
-            elif part_type == "input_image":
-                detail = part.get("detail", "auto")
-                if detail not in IMAGE_DETAILS:
-                    raise _Invalid(
-                        "invalid_value", 'detail must be "auto", "low" or "high"', f"{where}.detail"
-                    )
-                images.append(_decode_data_url(part.get("image_url"), f"{where}.image_url", self.limits))
-                # The image data is not echoed back (megabytes per event); the part says it was there.
-                echoed.append({"type": "input_image", "detail": detail})
+        echoed: list[InputText | InputImage] = []
+        for index, part in enumerate(message.content):
+            if isinstance(part, InputText):
+                texts.append(part.text)
+                echoed.append(part)
             else:
-                raise _Invalid(
-                    "invalid_value", "content parts must be input_text or input_image", f"{where}.type"
-                )
-        stored = {
-            "id": item_id or self._new_id("item"),
-            "type": "message",
-            "object": "realtime.item",
-            "status": "completed",
-            "role": "user",
-            "content": echoed,
-        }
+                assert part.image_url is not None  # the schema requires it in a client event
+                where = f"item.content[{index}].image_url"
+                images.append(decode_image_data_url(part.image_url, where, self.limits.max_image_bytes))
+                # The image data is not echoed back (megabytes per event); the part says it was there.
+                echoed.append(InputImage(detail=part.detail))
+        stored = MessageItem(message.id or self._new_id("item"), "user", "completed", tuple(echoed))
         self._items.append(stored)
-        action = AddUserMessage(stored["id"], "\n".join(texts), tuple(images), client_event_id)
         return [
-            action,
-            self._event("conversation.item.added", previous_item_id=last_id, item=_copy_item(stored)),
-            self._event("conversation.item.done", previous_item_id=last_id, item=_copy_item(stored)),
+            AddUserMessage(stored.id, "\n".join(texts), tuple(images), event.event_id),
+            ConversationItemAdded(event_id=self._new_id("event"), previous_item_id=last_id, item=stored),
+            ConversationItemDone(event_id=self._new_id("event"), previous_item_id=last_id, item=stored),
         ]
 
-    def _on_response_create(self, event: dict[str, Any], client_event_id: str | None) -> list[Output]:
-        params = event.get("response")
-        if params is None:
-            params = {}
-        elif not isinstance(params, dict):
-            raise _Invalid("invalid_value", "response must be an object", "response")
+    def _on_response_create(self, event: ResponseCreate) -> list[Output]:
+        params = event.response
         if self._response is not None:
-            raise _Invalid(
+            raise WireError(
                 "conversation_already_has_active_response",
                 f"response {self._response.id} is still in progress; cancel it or wait for response.done",
             )
-        _check_output_modalities(params.get("output_modalities"), "response.output_modalities")
-        if params.get("conversation", "auto") != "auto":
-            raise _Invalid(
-                "invalid_value",
-                'only responses in the default conversation ("auto")',
-                "response.conversation",
-            )
-        _check_no_tools(params.get("tools"), "response.tools")
-        if params.get("input") is not None:
-            raise _Invalid("invalid_value", "custom response input is not supported", "response.input")
-        instructions = _check_instructions(params.get("instructions"), "response.instructions", self.limits)
-        max_tokens = _check_max_output_tokens(
-            params.get("max_output_tokens"), "response.max_output_tokens", self.limits
-        )
-        metadata = params.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise _Invalid("invalid_value", "metadata must be an object", "response.metadata")
-        if instructions is None:
-            instructions = self._config.instructions
-        if max_tokens is None and params.get("max_output_tokens") != "inf":
-            max_tokens = self._config.max_output_tokens  # absent or null: the session's value
-        if max_tokens is None:
+        _check_instructions(params.instructions, "response.instructions", self.limits)
+        _check_max_output_tokens(params.max_output_tokens, "response.max_output_tokens", self.limits)
+        instructions = params.instructions if params.instructions is not None else self._config.instructions
+        if params.max_output_tokens == "inf":
             max_tokens = self.limits.max_output_tokens
-        response = _Response(self._new_id("resp"), self._new_id("item"), max_tokens, metadata)
+        elif params.max_output_tokens is not None:
+            max_tokens = params.max_output_tokens
+        else:  # absent or null: the session's value
+            max_tokens = self._config.max_output_tokens or self.limits.max_output_tokens
+        response = _Response(self._new_id("resp"), self._new_id("item"), max_tokens, params.metadata)
         self._response = response
-        previous_id = self._items[-1]["id"] if self._items else None
-        item = {
-            "id": response.item_id,
-            "type": "message",
-            "object": "realtime.item",
-            "status": "in_progress",
-            "role": "assistant",
-            "content": [],
-        }
+        previous_id = self._items[-1].id if self._items else None
+        item = MessageItem(response.item_id, "assistant", "in_progress")
         self._items.append(item)
-        ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0}
         return [
             StartResponse(response.id, instructions, max_tokens),
-            self._event("response.created", response=self._response_object(response, "in_progress", [])),
-            self._event(
-                "response.output_item.added", response_id=response.id, output_index=0, item=dict(item)
+            ResponseCreated(
+                event_id=self._new_id("event"), response=self._response_object(response, "in_progress")
             ),
-            self._event("conversation.item.added", previous_item_id=previous_id, item=_copy_item(item)),
-            self._event(
-                "response.content_part.added", **ids, content_index=0, part={"type": "text", "text": ""}
+            OutputItemAdded(event_id=self._new_id("event"), response_id=response.id, item=item),
+            ConversationItemAdded(event_id=self._new_id("event"), previous_item_id=previous_id, item=item),
+            ContentPartAdded(
+                event_id=self._new_id("event"), response_id=response.id, item_id=response.item_id
             ),
         ]
 
-    def _on_response_cancel(self, event: dict[str, Any], client_event_id: str | None) -> list[Output]:
-        wanted = event.get("response_id")
-        if wanted is not None and not isinstance(wanted, str):
-            raise _Invalid("invalid_value", "response_id must be a string", "response_id")
+    def _on_response_cancel(self, event: ResponseCancel) -> list[Output]:
         response = self._response
-        if response is None or (wanted is not None and wanted != response.id):
-            raise _Invalid("response_cancel_not_active", "there is no active response to cancel")
+        if response is None or (event.response_id is not None and event.response_id != response.id):
+            raise WireError("response_cancel_not_active", "there is no active response to cancel")
         if response.cancelling:
             return []  # already asked; response.done (cancelled) follows
         response.cancelling = True
         return [CancelResponse(response.id)]
 
-    def _on_video_append(self, event: dict[str, Any], client_event_id: str | None) -> list[Output]:
-        image = _decode_data_url(event.get("image"), "image", self.limits)
-        timestamp = event.get("timestamp_ms")
-        if timestamp is not None and (not _is_number(timestamp) or timestamp < 0):
-            raise _Invalid("invalid_value", "timestamp_ms must be a non-negative number", "timestamp_ms")
-        return [AppendFrame(image, None if timestamp is None else float(timestamp), client_event_id)]
-
-    _handlers: ClassVar[dict[str, Callable[[RealtimeProtocol, dict[str, Any], str | None], list[Output]]]] = {
-        "session.update": _on_session_update,
-        "conversation.item.create": _on_item_create,
-        "response.create": _on_response_create,
-        "response.cancel": _on_response_cancel,
-        "input_video.append": _on_video_append,
-    }
+    def _on_video_append(self, event: InputVideoAppend) -> list[Output]:
+        image = decode_image_data_url(event.image, "image", self.limits.max_image_bytes)
+        return [AppendFrame(image, event.timestamp_ms, event.event_id)]
 
     # -- calls from the app ----------------------------------------------------------------------
 
@@ -626,13 +516,8 @@ class RealtimeProtocol:
             return []
         response.text.append(delta)
         return [
-            self._event(
-                "response.output_text.delta",
-                response_id=response.id,
-                item_id=response.item_id,
-                output_index=0,
-                content_index=0,
-                delta=delta,
+            OutputTextDelta(
+                event_id=self._new_id("event"), response_id=response.id, item_id=response.item_id, delta=delta
             )
         ]
 
@@ -640,7 +525,7 @@ class RealtimeProtocol:
         self,
         response_id: str,
         status: ResponseStatus,
-        usage: Mapping[str, Any],
+        usage: Mapping[str, JSON],
         reason: str | None = None,
     ) -> list[Output]:
         """Close the active response: the closing events of its item, then ``response.done``.
@@ -648,7 +533,7 @@ class RealtimeProtocol:
         ``reason`` goes into ``status_details`` (cancelled: default "client_cancelled"; incomplete:
         default "max_output_tokens"; failed: the error message). Unknown ids are ignored.
         """
-        if status not in ("completed", "cancelled", "failed", "incomplete"):
+        if status not in FINAL_STATUSES:
             raise ValueError(f"unknown response status {status!r}")
         response = self._response
         if response is None or response.id != response_id:
@@ -656,50 +541,30 @@ class RealtimeProtocol:
         self._response = None
         text = "".join(response.text)
         item_status = "completed" if status == "completed" else "incomplete"
-        part = {"type": "text", "text": text}
-        item = {
-            "id": response.item_id,
-            "type": "message",
-            "object": "realtime.item",
-            "status": item_status,
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text}],
-        }
+        item = MessageItem(response.item_id, "assistant", item_status, (OutputText(text),))
         previous_id = None
         for index, stored in enumerate(self._items):
-            if stored["id"] == response.item_id:
-                previous_id = self._items[index - 1]["id"] if index else None
+            if stored.id == response.item_id:
+                previous_id = self._items[index - 1].id if index else None
                 self._items[index] = item
                 break
         report = _usage(usage)
-        for key in self._usage:
-            self._usage[key] += report[key]
-        ids = {"response_id": response.id, "item_id": response.item_id, "output_index": 0}
-        done = self._response_object(response, status, [_copy_item(item)], reason=reason, usage=report)
+        self._usage["total_tokens"] += report.total_tokens
+        self._usage["input_tokens"] += report.input_tokens
+        self._usage["output_tokens"] += report.output_tokens
+        done = self._response_object(response, status, (item,), reason=reason, usage=report)
+        ids = {"response_id": response.id, "item_id": response.item_id}
         return [
-            self._event("response.output_text.done", **ids, content_index=0, text=text),
-            self._event("response.content_part.done", **ids, content_index=0, part=part),
-            self._event(
-                "response.output_item.done", response_id=response.id, output_index=0, item=_copy_item(item)
-            ),
-            self._event("conversation.item.done", previous_item_id=previous_id, item=_copy_item(item)),
-            self._event("response.done", response=done),
+            OutputTextDone(event_id=self._new_id("event"), **ids, text=text),
+            ContentPartDone(event_id=self._new_id("event"), **ids, text=text),
+            OutputItemDone(event_id=self._new_id("event"), response_id=response.id, item=item),
+            ConversationItemDone(event_id=self._new_id("event"), previous_item_id=previous_id, item=item),
+            ResponseDone(event_id=self._new_id("event"), response=done),
         ]
 
-    def video_stats(self, stats: Mapping[str, Any]) -> list[Output]:
-        """``input_video.stats``: canonical counters (missing ones 0) plus any extra keys the app adds."""
-        payload: dict[str, Any] = {
-            "received": 0,
-            "sampled": 0,
-            "ingested": 0,
-            "dropped": 0,
-            "frame_lag_ms": None,
-            "fps": 0.0,
-            "positions": self.positions,
-            "rollovers": 0,
-        }
-        payload.update({k: v for k, v in stats.items() if k not in ("type", "event_id")})
-        return [self._event("input_video.stats", **payload)]
+    def video_stats(self, stats: SessionStats) -> list[Output]:
+        """``input_video.stats``: the session's numbers as the app measured them."""
+        return [InputVideoStats(event_id=self._new_id("event"), stats=stats)]
 
     def image_rejected(
         self, event_id: str | None, message: str, *, item_id: str | None = None
@@ -711,12 +576,11 @@ class RealtimeProtocol:
         trace. For ``input_video.append`` frames leave ``item_id`` None.
         """
         out: list[Output] = [self._error("invalid_image", message, client_event_id=event_id)]
-        if item_id is not None:
-            for stored in self._items:
-                if stored["id"] == item_id and stored["role"] == "user":
-                    self._items.remove(stored)
-                    out.append(self._event("conversation.item.deleted", item_id=item_id))
-                    break
+        for stored in self._items:
+            if item_id is not None and stored.id == item_id and stored.role == "user":
+                self._items.remove(stored)
+                out.append(ConversationItemDeleted(event_id=self._new_id("event"), item_id=item_id))
+                break
         return out
 
     def engine_error(self, message: str, event_id: str | None = None) -> list[Output]:
@@ -728,73 +592,56 @@ class RealtimeProtocol:
 
     # -- building events ---------------------------------------------------------------------------
 
-    def _event(self, kind: str, **fields: Any) -> ServerEvent:
-        return ServerEvent({"type": kind, "event_id": self._new_id("event"), **fields})
-
     def _error(
         self, code: str, message: str, *, param: str | None = None, client_event_id: str | None = None
-    ) -> ServerEvent:
+    ) -> ErrorEvent:
         return error_event(
             code, message, param=param, client_event_id=client_event_id, event_id=self._new_id("event")
         )
 
-    def _session_object(self) -> dict[str, Any]:
+    def _session_object(self) -> SessionObject:
         config = self._config
-        return {
-            "type": "realtime",
-            "object": "realtime.session",
-            "id": self.session_id,
-            "model": self.model,
-            "output_modalities": ["text"],
-            "instructions": config.instructions,
-            "max_output_tokens": config.max_output_tokens or self.limits.max_output_tokens,
-            "tools": [],
-            "tool_choice": "auto",
-            "video": dict(config.video),
-        }
+        schedule: Schedule = "sequential" if config.video["schedule"] == "sequential" else "parallel"
+        change = config.change_filter
+        return SessionObject(
+            self.session_id,
+            self.model,
+            config.instructions,
+            config.max_output_tokens or self.limits.max_output_tokens,
+            VideoConfig(
+                float(config.video["max_fps"]),
+                schedule,
+                self.positions,
+                ChangeFilterConfig(change.enabled, change.threshold, change.keepalive_s),
+            ),
+        )
 
     def _response_object(
         self,
         response: _Response,
-        status: str,
-        output: list[dict[str, Any]],
+        status: ResponseStatus,
+        output: tuple[MessageItem, ...] = (),
         *,
         reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        details: dict[str, Any] | None
+        usage: Usage | None = None,
+    ) -> ResponseObject:
+        details: StatusDetails | None = None
         if status == "cancelled":
-            details = {"type": "cancelled", "reason": reason or "client_cancelled"}
+            details = StatusDetails("cancelled", reason or "client_cancelled")
         elif status == "incomplete":
-            details = {"type": "incomplete", "reason": reason or "max_output_tokens"}
+            details = StatusDetails("incomplete", reason or "max_output_tokens")
         elif status == "failed":
-            details = {
-                "type": "failed",
-                "error": {
-                    "type": "server_error",
-                    "code": "engine_unavailable",
-                    "message": reason or "failed",
-                },
-            }
-        else:
-            details = None
-        return {
-            "id": response.id,
-            "object": "realtime.response",
-            "status": status,
-            "status_details": details,
-            "output": output,
-            "conversation_id": self._conversation_id,
-            "output_modalities": ["text"],
-            "max_output_tokens": response.max_output_tokens,
-            "metadata": response.metadata,
-            "usage": usage,
-        }
-
-
-def _copy_item(item: dict[str, Any]) -> dict[str, Any]:
-    """Items are handed out in events; never share the core's own dicts with the transport."""
-    return {**item, "content": [dict(part) for part in item["content"]]}
+            details = StatusDetails("failed", error=ResponseFailure(reason or "failed"))
+        return ResponseObject(
+            response.id,
+            status,
+            self._conversation_id,
+            response.max_output_tokens,
+            details,
+            output,
+            response.metadata,
+            usage,
+        )
 
 
 def _too_large(message: str | bytes, limit: int) -> bool:

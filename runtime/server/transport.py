@@ -1,9 +1,12 @@
 """Thin I/O glue around the sans-I/O protocol core: one :class:`RealtimeConnection` per realtime session.
 
 The core decides what every client message means; this module only moves bytes and runs the core's
-actions against a runtime ``Session``: it decodes images on a worker thread (with a pixel limit),
-streams a response's deltas back into the core, caps the frame rate, sends ``input_video.stats`` while
-frames flow and, whatever ends the connection, cancels the response and closes the session.
+actions against a runtime session (typed as `contract.ServedSession`): it decodes images on a worker
+thread (with a pixel limit), caps the rate of appended frames and holds back those that show nothing
+new (one sampler with its own scene-change filter per input: a WebRTC track's frames were capped and
+filtered by the track's own sampler, and the session does neither again), streams a
+response's deltas back into the core, sends ``input_video.stats`` while frames flow and, whatever ends
+the connection, cancels the response and closes the session.
 
 Outgoing events go through an :class:`EventSink` whose ``send`` never blocks: events are queued in the
 order the core produced them, so a response's deltas can never overtake its ``response.created``.
@@ -21,21 +24,35 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import WSCloseCode, web
 
 from runtime.errors import EngineUnavailable, ResponseActive
-from streams import ChannelClosed, EventChannel, Frame, FrameSampler, TrackSource, WebRTCPeer
+from runtime.wire import FINAL_STATUSES, ResponseStatus, SessionStats
+from streams import (
+    ChangeFilter,
+    ChangeFilterSettings,
+    ChannelClosed,
+    EventChannel,
+    Frame,
+    FrameSampler,
+    StreamStats,
+    TrackSource,
+    WebRTCPeer,
+)
+from streams.frame import rgb_pixels
 
+from .contract import ServedResponse, ServedSession
 from .metrics import ServerMetrics
 from .protocol import (
     AddUserMessage,
     AppendFrame,
     CancelResponse,
+    ErrorEvent,
     Limits,
     Output,
     RealtimeProtocol,
@@ -99,9 +116,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         raise ImageRejected(f"cannot decode the image: {exc}") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageRejected("the image has no pixels")
-    return rgb
+    try:
+        return rgb_pixels(rgb)
+    except ValueError as exc:
+        raise ImageRejected(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +202,7 @@ class ChannelSink:
 
     def send(self, event: ServerEvent) -> None:
         with contextlib.suppress(ChannelClosed):
-            self.channel.send(event.payload)
+            self.channel.send(event.encode())
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.channel.close()
@@ -208,21 +226,42 @@ class ConnectionOptions:
 
 @dataclass
 class _Active:
-    """The response being streamed and its timing (for TTFT and tokens/s)."""
+    """The response being streamed and its timing (for TTFT and tokens/s); its id is the wire id."""
 
-    id: str
-    response: Any
+    response: ServedResponse
     task: asyncio.Task[None] | None = None
     started: float = 0.0
     first_delta: float | None = None
 
+    @property
+    def id(self) -> str:
+        return self.response.id
+
 
 @dataclass
 class _VideoInput:
-    """One stream of frames into the session: the appended frames, or one WebRTC track."""
+    """One stream of frames into the session, with its own sampler (and the sampler's own change filter,
+    since each input has its own last frame): the appended frames, or one track."""
 
-    stats: Callable[[], Any]  # -> streams.StreamStats
+    stats: Callable[[], StreamStats]
     sampler: FrameSampler
+
+
+def _configure_change_filter(sampler: FrameSampler, settings: ChangeFilterSettings) -> None:
+    """Give an input's sampler a filter with these settings; one it has keeps its reference frame
+    (a new threshold does not resend the scene)."""
+    if sampler.change is None:
+        sampler.change = ChangeFilter(settings)
+    else:
+        sampler.change.configure(settings)
+
+
+def _add_counts(total: StreamStats, part: StreamStats) -> None:
+    total.received += part.received
+    total.sampled += part.sampled
+    total.delivered += part.delivered
+    for reason, n in part.dropped.items():
+        total.drop(reason, n)
 
 
 class RealtimeConnection:
@@ -235,7 +274,7 @@ class RealtimeConnection:
 
     def __init__(
         self,
-        session: Any,
+        session: ServedSession,
         sink: EventSink,
         *,
         model: str,
@@ -257,17 +296,16 @@ class RealtimeConnection:
         self._pending_images: list[np.ndarray] = []
         self._active: _Active | None = None
         self._max_fps = float(self.proto.config.video["max_fps"])
-        appended = FrameSampler(self._max_fps, buffer_size=1, max_age=None)  # only its rate cap is used
+        self._change_filter = self.proto.config.change_filter
+        # a buffer of one without an age limit: each decoded frame is taken at once (or dropped)
+        appended = FrameSampler(
+            self._max_fps, buffer_size=1, max_age=None, change=ChangeFilter(self._change_filter)
+        )
         self._appended = _VideoInput(stats=lambda: appended.stats, sampler=appended)
         self._tracks: list[_VideoInput] = []
-        self._ended_tracks: dict[str, Any] = {"received": 0, "sampled": 0, "dropped": {}}
-        self._seen: dict[str, Any] = {
-            "received": 0,
-            "sampled": 0,
-            "dropped": {},
-            "ingested": 0,
-            "rollovers": 0,
-        }
+        self._ended_tracks = StreamStats()  # the counts of tracks that have ended
+        # what the metrics have counted so far (they only move forward)
+        self._seen = SessionStats(session.id, self.proto.config.video["schedule"], positions)
         self._last_report: tuple[int, int, int] | None = None
         self._last_tick = (time.monotonic(), 0)
         self._stats_task: asyncio.Task[None] | None = None
@@ -297,31 +335,30 @@ class RealtimeConnection:
         await self._run(self.proto.receive(message), arrival=time.monotonic())
 
     async def push_video_frame(self, frame: Frame) -> None:
-        """A frame of an attached WebRTC track (already rate-capped by the track's own sampler)."""
+        """A frame of an attached WebRTC track, sampled and filtered by the track's own sampler: not
+        capped or filtered again."""
         if self.closed:
             return
         try:
-            await self.session.push_frame(frame.rgb, frame.timestamp)
-        except Exception as exc:  # a bad frame, or the session closing under us: never end the call
+            self.session.ingest(frame)
+        except Exception as exc:  # the session closing under us: never end the call
             logger.debug("session %s did not take a WebRTC frame: %s", self.id, exc)
             self.metrics.frames_dropped.labels("error").inc()
             return
         self.metrics.frame_lag.observe(max(0.0, time.monotonic() - frame.arrival))
 
     def attach_track(self, source: TrackSource) -> None:
-        """Count a WebRTC video source into this session's statistics and apply the fps cap to it."""
+        """Count a WebRTC video source into this session's statistics and apply the fps cap and the
+        change filter to it."""
         source.sampler.fps = self._max_fps
+        _configure_change_filter(source.sampler, self._change_filter)
         self._tracks.append(_VideoInput(stats=source.stats, sampler=source.sampler))
 
     def detach_track(self, source: TrackSource) -> None:
         for video in list(self._tracks):
             if video.sampler is source.sampler:
                 self._tracks.remove(video)
-                final = source.stats()
-                self._ended_tracks["received"] += final.received
-                self._ended_tracks["sampled"] += final.sampled
-                for reason, n in final.dropped.items():
-                    self._ended_tracks["dropped"][reason] = self._ended_tracks["dropped"].get(reason, 0) + n
+                _add_counts(self._ended_tracks, source.stats())
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Cancel the response, close attached calls and the session, then the sink. Idempotent."""
@@ -339,8 +376,8 @@ class RealtimeConnection:
                 raise TypeError(f"unexpected action {out!r}")
 
     def _send(self, event: ServerEvent) -> None:
-        if event.type == "error":
-            self.metrics.errors.labels(event.payload["error"]["code"]).inc()
+        if isinstance(event, ErrorEvent):
+            self.metrics.errors.labels(event.error.code).inc()
         self.sink.send(event)
 
     async def _run(self, outputs: Sequence[Output], arrival: float) -> None:
@@ -364,12 +401,12 @@ class RealtimeConnection:
     def _update_session(self, action: UpdateSession) -> list[Output]:
         video = action.config.video
         self._max_fps = min(float(video["max_fps"]), self.options.limits.max_video_fps)
+        self._change_filter = action.config.change_filter
         for stream in (self._appended, *self._tracks):
             stream.sampler.fps = self._max_fps
-        try:
-            self.session.update(
-                instructions=action.config.instructions, max_fps=self._max_fps, schedule=video["schedule"]
-            )
+            _configure_change_filter(stream.sampler, self._change_filter)
+        try:  # the rate caps and filters are the inputs' samplers above: the session is told neither
+            self.session.update(instructions=action.config.instructions, schedule=video["schedule"])
         except (ValueError, RuntimeError) as exc:
             return [error_event("invalid_value", f"the session could not apply the update: {exc}")]
         return []
@@ -398,50 +435,53 @@ class RealtimeConnection:
             return []
         try:
             rgb = await asyncio.to_thread(decode_image, action.image, self.options.limits.max_image_pixels)
-            await self.session.push_frame(rgb, None if action.timestamp_ms is None else stream_time)
-        except ValueError as exc:  # ImageRejected is a ValueError, and so is a frame the session refuses
+        except ImageRejected as exc:
             sampler.stats.drop("invalid")
             return self.proto.image_rejected(action.event_id, str(exc))
-        sampler.stats.delivered += 1
+        sampler.offer(Frame(rgb=rgb, timestamp=stream_time, arrival=arrival))
+        frame = sampler.take()  # None: nothing new since the last frame that went in ("unchanged")
+        if frame is None:
+            return []
+        self.session.ingest(frame)
         self.metrics.frame_lag.observe(max(0.0, time.monotonic() - arrival))
         return []
 
     async def _start_response(self, action: StartResponse) -> list[Output]:
+        """Ask the session, under the protocol's response id. The session alone decides whether an answer
+        may start: if it is still ending the previous one, this response fails (no retry here)."""
         text, images = "\n".join(self._pending_texts), list(self._pending_images)
         self._pending_texts.clear()
         self._pending_images.clear()
         started = time.monotonic()
-        failure: str | None = None
-        response = None
-        for attempt in range(20):  # the previous answer may still be winding down in the session
-            try:
-                response = self.session.ask(
-                    text, action.max_output_tokens, images=images, instructions=action.instructions
-                )
-                break
-            except ResponseActive as exc:
-                failure = str(exc) or "a response is still active"
-                await asyncio.sleep(0.05 * (attempt + 1))
-            except EngineUnavailable as exc:
-                failure = str(exc) or "the engine is unavailable"
-                break
-            except Exception as exc:
-                logger.exception("session %s: ask failed", self.id)
-                failure = f"{type(exc).__name__}: {exc}"
-                break
-        if response is None:
-            return [
-                *self.proto.engine_error(failure or "the engine is unavailable"),
-                *self._finish(action.response_id, "failed", {}, failure),
-            ]
-        active = _Active(action.response_id, response, started=started)
-        self._active = active
-        active.task = asyncio.create_task(self._pump(active), name=f"response {action.response_id}")
-        return []
+        try:
+            response = self.session.ask(
+                text,
+                action.max_output_tokens,
+                images=images,
+                instructions=action.instructions,
+                response_id=action.response_id,
+            )
+        except ResponseActive as exc:  # the session is still ending the previous answer
+            failure = str(exc) or "the previous response has not ended yet"
+            refusal: list[Output] = [error_event("conversation_already_has_active_response", failure)]
+        except EngineUnavailable as exc:
+            failure = str(exc) or "the engine is unavailable"
+            refusal = self.proto.engine_error(failure)
+        except Exception as exc:
+            logger.exception("session %s: ask failed", self.id)
+            failure = f"{type(exc).__name__}: {exc}"
+            refusal = self.proto.engine_error(failure)
+        else:
+            active = _Active(response, started=started)
+            self._active = active
+            active.task = asyncio.create_task(self._pump(active), name=f"response {action.response_id}")
+            return []
+        return [*refusal, *self._finish(action.response_id, "failed", {}, failure)]
 
     async def _pump(self, active: _Active) -> None:
         """Stream the answer's deltas into the core, then close the response with its final status."""
-        status, reason = "completed", None
+        status: ResponseStatus = "completed"
+        reason: str | None = None
         events: list[Output] = []
         try:
             async for delta in active.response:
@@ -449,9 +489,8 @@ class RealtimeConnection:
                     active.first_delta = time.monotonic()
                     self.metrics.ttft.observe(active.first_delta - active.started)
                 self._emit(self.proto.text_delta(active.id, delta))
-            status = getattr(active.response, "status", "completed")
-            if status not in ("completed", "cancelled", "incomplete", "failed"):
-                status = "completed"
+            if active.response.status in FINAL_STATUSES:
+                status = active.response.status
         except asyncio.CancelledError:
             status, reason = "cancelled", "connection_closed"
             raise
@@ -462,27 +501,26 @@ class RealtimeConnection:
         finally:
             if self._active is active:
                 self._active = None
-            usage = dict(getattr(active.response, "usage", None) or {})
-            events += self._finish(active.id, status, usage, reason, active)
+            events += self._finish(active.id, status, active.response.usage, reason, active)
             self._emit(events)
 
     def _finish(
         self,
         response_id: str,
-        status: str,
-        usage: dict[str, Any],
+        status: ResponseStatus,
+        usage: Mapping[str, int],
         reason: str | None,
         active: _Active | None = None,
     ) -> list[Output]:
         self.metrics.responses.labels(status).inc()
-        output_tokens = int(usage.get("output_tokens", 0) or 0)
+        output_tokens = int(usage.get("output_tokens", 0))
         self.metrics.output_tokens.inc(output_tokens)
-        self.metrics.input_tokens.inc(int(usage.get("input_tokens", 0) or 0))
+        self.metrics.input_tokens.inc(int(usage.get("input_tokens", 0)))
         if active is not None and active.first_delta is not None and output_tokens > 1:
             elapsed = time.monotonic() - active.first_delta
             if elapsed > 0:
                 self.metrics.tokens_per_s.observe((output_tokens - 1) / elapsed)
-        return self.proto.response_finished(response_id, status, usage, reason)  # type: ignore[arg-type]
+        return self.proto.response_finished(response_id, status, dict(usage), reason)
 
     async def _cancel_response(self, response_id: str) -> None:
         active = self._active
@@ -503,84 +541,64 @@ class RealtimeConnection:
             await asyncio.sleep(interval)
             self.report_video_stats()
 
-    def report_video_stats(self, force: bool = False) -> dict[str, Any] | None:
+    def report_video_stats(self, force: bool = False) -> SessionStats | None:
         """Update the metrics; send ``input_video.stats`` if anything moved since the last report."""
         stats = self.video_stats()
-        key = (stats["received"], stats["ingested"], stats["dropped"])
+        key = (stats.frames_received, stats.frames_ingested, stats.frames_dropped)
         if not force and (key == self._last_report or key == (0, 0, 0)):
             return None
         self._last_report = key
         self._emit(self.proto.video_stats(stats))
         return stats
 
-    def video_stats(self) -> dict[str, Any]:
-        """Counters of every input of this session plus the session's own numbers; feeds the metrics."""
-        received, sampled = self._ended_tracks["received"], self._ended_tracks["sampled"]
-        dropped: dict[str, int] = dict(self._ended_tracks["dropped"])
+    def video_stats(self) -> SessionStats:
+        """The session's numbers, its frame counters those of this connection's inputs (the appended
+        frames, every WebRTC track, ended ones included); feeds the metrics."""
+        inputs = StreamStats()
+        _add_counts(inputs, self._ended_tracks)
         for stream in (self._appended, *self._tracks):
-            snapshot = stream.stats()
-            received += snapshot.received
-            sampled += snapshot.sampled
-            for reason, n in snapshot.dropped.items():
-                dropped[reason] = dropped.get(reason, 0) + n
-        try:
-            session = dict(self.session.stats())
-        except Exception:
-            logger.exception("session %s: stats() failed", self.id)
-            session = {}
-        ingested = int(session.get("frames_ingested", 0) or 0)
-        by_reason = session.get("frames_dropped_by_reason")
-        if isinstance(by_reason, dict):  # the session's own drops, told apart from the transport's
-            for reason, n in by_reason.items():
-                if n:
-                    dropped[f"session_{reason}"] = int(n)
-        elif session.get("frames_dropped"):
-            dropped["session"] = int(session["frames_dropped"])
-        rollovers = int(session.get("rollovers", 0) or 0)
-        self._count(received, sampled, dropped, ingested, rollovers)
+            _add_counts(inputs, stream.stats())
+        session = self.session.stats()
+        dropped = dict(inputs.dropped)  # at the inputs, then in the session (the reasons differ)
+        for reason, n in session.frames_dropped_by_reason.items():
+            dropped[reason] = dropped.get(reason, 0) + n
         now = time.monotonic()
         then, ingested_then = self._last_tick
-        fps = (ingested - ingested_then) / (now - then) if now > then else 0.0
-        self._last_tick = (now, ingested)
-        return {
-            "received": received,
-            "sampled": sampled,
-            "ingested": ingested,
-            "dropped": sum(dropped.values()),
-            "dropped_by_reason": dropped,
-            "frame_lag_ms": session.get("frame_lag_p50_ms"),
-            "frame_lag_p95_ms": session.get("frame_lag_p95_ms"),
-            "fps": round(fps, 3),
-            "max_fps": self._max_fps,
-            "positions": session.get("positions", self.proto.positions),
-            "schedule": session.get("schedule", self.proto.config.video.get("schedule")),
-            "rollovers": rollovers,
-            "frames_during_answer": session.get("frames_during_answer", 0),
-            "session_tokens": session.get("session_tokens"),
-            "ttft_ms": session.get("ttft_ms"),
-            "tokens_per_s": session.get("tokens_per_s"),
-        }
+        fps = (session.frames_ingested - ingested_then) / (now - then) if now > then else 0.0
+        self._last_tick = (now, session.frames_ingested)
+        stats = replace(
+            session,
+            max_fps=self._max_fps,
+            frames_received=inputs.received,
+            frames_sampled=inputs.sampled,
+            frames_dropped_by_reason=dropped,
+            ingest_fps=round(fps, 3),
+        )
+        self._count(stats)
+        return stats
 
-    def _count(
-        self, received: int, sampled: int, dropped: dict[str, int], ingested: int, rollovers: int
-    ) -> None:
+    def _count(self, stats: SessionStats) -> None:
         """Advance the Prometheus counters by what changed since the last look (never backwards)."""
         seen, m = self._seen, self.metrics
-        m.frames_received.inc(max(0, received - seen["received"]))
-        m.frames_sampled.inc(max(0, sampled - seen["sampled"]))
-        m.frames_ingested.inc(max(0, ingested - seen["ingested"]))
-        m.rollovers.inc(max(0, rollovers - seen["rollovers"]))
-        for reason, n in dropped.items():
-            before = seen["dropped"].get(reason, 0)
+        m.frames_received.inc(max(0, stats.frames_received - seen.frames_received))
+        m.frames_sampled.inc(max(0, stats.frames_sampled - seen.frames_sampled))
+        m.frames_ingested.inc(max(0, stats.frames_ingested - seen.frames_ingested))
+        m.rollovers.inc(max(0, stats.rollovers - seen.rollovers))
+        for reason, n in stats.frames_dropped_by_reason.items():
+            before = seen.frames_dropped_by_reason.get(reason, 0)
             if n > before:
                 m.frames_dropped.labels(reason).inc(n - before)
-        seen.update(
-            received=max(received, seen["received"]),
-            sampled=max(sampled, seen["sampled"]),
-            ingested=max(ingested, seen["ingested"]),
-            rollovers=max(rollovers, seen["rollovers"]),
+        dropped = dict(seen.frames_dropped_by_reason)
+        for reason, n in stats.frames_dropped_by_reason.items():
+            dropped[reason] = max(n, dropped.get(reason, 0))
+        self._seen = replace(
+            seen,
+            frames_received=max(stats.frames_received, seen.frames_received),
+            frames_sampled=max(stats.frames_sampled, seen.frames_sampled),
+            frames_ingested=max(stats.frames_ingested, seen.frames_ingested),
+            rollovers=max(stats.rollovers, seen.rollovers),
+            frames_dropped_by_reason=dropped,
         )
-        seen["dropped"] = {r: max(n, seen["dropped"].get(r, 0)) for r, n in dropped.items()}
 
     # -- teardown ---------------------------------------------------------------------------------------
 

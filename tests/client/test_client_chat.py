@@ -1,4 +1,4 @@
-"""``speakwatch chat`` driven like a person at a terminal: through a pseudo-terminal, in a subprocess."""
+"""``speakwatch-chat`` driven like a person at a terminal: through a pseudo-terminal, in a subprocess."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from client_server import ROOT, ServerThread
+
+from runtime.server.app import SERVER
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -93,7 +95,8 @@ def test_chat_streams_answers_with_video_and_exits_on_eof(chat, fake_server: Ser
     while fake_server.run(lambda: len(session.frames)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(session.frames) >= 2 and session.frames[0][0] == (480, 640, 3)
-    assert session.max_fps == 5.0
+    server = fake_server.run(lambda: fake_server._runner.app[SERVER])
+    assert server.connections[session.id].max_fps == 5.0  # the inputs' cap: the session is not told it
 
     process.send(b"what do you see?\n")
     out = process.expect(re.compile(r"you said: what do you see\?.*\n.*\]\s*\r?\n.*you> $", re.S))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from PIL import Image
-from test_client_web import CHROMEDRIVER, CHROMIUM, browser, write_y4m  # noqa: F401  (fixture)
+from test_client_web import browser, write_y4m  # noqa: F401  (fixture)
 
 import client
 from client.remote import _jpeg_data_url
@@ -72,7 +72,7 @@ async def run_conversation(
         for i, (original, decoded) in enumerate(frames[turn * 2 : turn * 2 + 2]):
             await session.push_frame(original if remote else decoded, timestamp=10.0 * turn + i)
         deadline = asyncio.get_running_loop().time() + 30
-        while session.stats().get("frames_ingested", 0) < 2 * (turn + 1):
+        while session.stats().frames_ingested < 2 * (turn + 1):
             assert asyncio.get_running_loop().time() < deadline, session.stats()
             await asyncio.sleep(0.1)
         answers.append("".join([delta async for delta in session.ask(question, max_tokens=10)]))
@@ -86,13 +86,12 @@ async def test_embedded_and_remote_sessions_answer_the_same(runtime, real_server
     async with client.connect(real_server) as remote:
         await remote.update(max_fps=2.0)
         over_the_wire = await run_conversation(remote, frames, remote=True)
-        assert remote.stats()["frames_ingested"] == 4
+        assert remote.stats().frames_ingested == 4
     assert all(answer.strip() for answer in local)
     assert over_the_wire == local
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()), reason="needs chromium")
 async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, tmp_path: Path) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
 
@@ -116,7 +115,7 @@ async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, 
         await wait_for(lambda: attr("#status", "data-state") == "connected", 60, "the page to connect")
         await wait_for(lambda: len(runtime.sessions) >= 1, 10, "a session on the engine")
         session = next(iter(runtime.sessions.values()))
-        await wait_for(lambda: session.stats()["frames_ingested"] >= 2, 60, "camera frames in the engine")
+        await wait_for(lambda: session.stats().frames_ingested >= 2, 60, "camera frames in the engine")
         await wait_for(
             lambda: int(attr("#stats-frames", "data-value") or 0) > 0, 30, "frame stats on the page"
         )
@@ -135,6 +134,6 @@ async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, 
         answer = await asyncio.to_thread(lambda: browser.find_element(By.CSS_SELECTOR, "#answer").text)
         said = scenes.mentions(answer)
         assert said and said[0][0] == SHOWN[0], f"the page's answer must name the {SHOWN}: {answer!r}"
-        assert session.stats()["last_response_status"] in ("completed", "incomplete")
+        assert session.stats().last_response_status in ("completed", "incomplete")
     finally:
         await asyncio.to_thread(browser.save_screenshot, str(artifacts / "client_web_engine.png"))

@@ -21,6 +21,7 @@ from client import (
     RealtimeError,
     ResponseDone,
     SessionUpdated,
+    UnknownEvent,
     VideoStats,
     parse_event,
     realtime_url,
@@ -71,17 +72,16 @@ async def test_frames_answer_and_stats(fake_server: ServerThread) -> None:
         assert fake.asked[-1].text == "what do you see?" and fake.asked[-1].max_tokens == 50
         assert fake.asked[-1].instructions == "be brief"
 
-        await eventually(lambda: session.stats().get("frames_ingested") == 5)
-        stats = session.stats()
-        assert stats["frames_received"] == 5 and stats["frames_dropped"] == 0 and stats["frames_sent"] == 5
-        assert stats["frame_lag_p50_ms"] == 5.0 and stats["frame_lag_p95_ms"] == 9.0
-        assert stats["ttft_ms"] == response.ttft_ms and stats["tokens_per_s"] == response.tokens_per_s
-        assert stats["session_tokens"] == 320 and stats["positions"] == "group-decoupled"
-        assert stats["session_id"] == session.id
+        await eventually(lambda: session.stats().frames_ingested == 5)
+        stats = session.stats()  # the server's SessionStats, as the embedded session reports them
+        assert stats.frames_received == 5 and stats.frames_dropped == 0 and session.frames_sent == 5
+        assert stats.frame_lag_p50_ms == 5.0 and stats.frame_lag_p95_ms == 9.0
+        assert stats.session_tokens == 320 and stats.positions == "group-decoupled"
+        assert stats.session_id == session.id
 
         updated = await session.update(max_fps=12, schedule="sequential")
         assert updated["video"]["max_fps"] == 12 and updated["video"]["schedule"] == "sequential"
-        assert fake.max_fps == 12 and fake.schedule == "sequential"
+        assert fake.schedule == "sequential"  # max_fps is the server's input cap, not the session's
 
         text = await session.ask("an image", images=[frame(9, 32, 24)], instructions="terse")
         assert "images 32x24" in text and fake.asked[-1].instructions == "terse"
@@ -164,14 +164,16 @@ async def test_typed_events(fake_server: ServerThread) -> None:
     )
     deltas = [e for e in received if isinstance(e, OutputTextDelta)]
     done = next(e for e in received if isinstance(e, ResponseDone))
-    assert "".join(d.delta for d in deltas) == done.text and done.status == "completed"
-    assert all(d.response_id == done.response_id for d in deltas)
+    assert "".join(d.delta for d in deltas) == done.response.text and done.response.status == "completed"
+    assert all(d.response_id == done.response.id for d in deltas)
     stats = next(e for e in received if isinstance(e, VideoStats))
-    assert stats.received == 1 and stats.stats()["frames_received"] == 1
+    assert stats.stats.frames_received == 1 and stats.stats.session_id == session.id
 
-    assert type(parse_event({"type": "rate_limits.updated", "x": 1})) is Event
+    unknown = parse_event({"type": "rate_limits.updated", "x": 1})
+    assert isinstance(unknown, UnknownEvent) and unknown.type == "rate_limits.updated"
+    assert unknown.encode() == {"type": "rate_limits.updated", "x": 1}
     error = parse_event({"type": "error", "error": {"code": "invalid_json", "message": "no"}})
-    assert isinstance(error, ErrorEvent) and error.exception().code == "invalid_json"
+    assert isinstance(error, ErrorEvent) and error.error.code == "invalid_json"
 
 
 async def test_auth_limits_and_server_going_away(server: Any) -> None:
@@ -222,7 +224,7 @@ def test_sync_session(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         stream.cancel()
         rest = list(stream)
         assert first == ["w0 ", "w1 ", "w2 "] and stream.status == "cancelled" and len(rest) < 50
-        assert session.stats()["frames_sent"] == 1
+        assert session.frames_sent == 1
     assert session.session.closed
     assert not any(t.name == "speakwatch-client" for t in __import__("threading").enumerate())
     if os.environ.get("SPEAKWATCH_TEST_URL") is None:

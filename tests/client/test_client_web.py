@@ -16,16 +16,10 @@ from client_server import ServerThread
 
 from streams import pattern
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = "/usr/bin/chromium"  # missing: the test fails (tests/conftest.py), SPEAKWATCH_SKIP_BROWSER=1 skips
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-        reason=f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install chromium chromium-driver",
-    ),
-]
+pytestmark = pytest.mark.browser
 
 
 def write_y4m(

@@ -24,6 +24,6 @@ def test_readme_sdk_example_runs(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ours = [line for line in done.stdout.splitlines() if line.strip() and "INFO" not in line]
-    stats = [line for line in ours if line.startswith("{") and "frames_ingested" in line]
+    stats = [line for line in ours if line.startswith("SessionStats(") and "frames_ingested=" in line]
     assert stats, done.stdout[-3000:]
-    assert "'frames_received': 1" in stats[-1]
+    assert "frames_received=1," in stats[-1] and "frames_ingested=1," in stats[-1], stats[-1]

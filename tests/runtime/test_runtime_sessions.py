@@ -43,17 +43,17 @@ async def wait_until(predicate, timeout: float = 20.0) -> None:
 
 async def show(session, shown: list[np.ndarray], start: float = 0.0) -> None:
     """Push frames (0.5 s apart, under the fps cap) and wait until they are all in KV."""
-    base = session.stats()["frames_ingested"]
+    base = session.stats().frames_ingested
     for i, frame in enumerate(shown):
         await session.push_frame(frame, timestamp=start + 0.5 * i)
-    await wait_until(lambda: session.stats()["frames_ingested"] == base + len(shown))
+    await wait_until(lambda: session.stats().frames_ingested == base + len(shown))
 
 
 async def answer_while_pushing(session, pushed: list[np.ndarray], max_tokens: int = 96):
     """Start a commentary on one frame, push frames once the first delta arrives, and record
     ingestion during the answer (the commentary never ends by itself, so it runs past them)."""
     await show(session, frames(1, seed=5))
-    base = session.stats()["frames_ingested"]
+    base = session.stats().frames_ingested
     response = session.ask(COMMENTARY, max_tokens=max_tokens)
     ingested_while_answering = 0
     pushed_all = False
@@ -62,7 +62,7 @@ async def answer_while_pushing(session, pushed: list[np.ndarray], max_tokens: in
             for i, frame in enumerate(pushed):
                 await session.push_frame(frame, timestamp=1000.0 + i)
             pushed_all = True
-        ingested_while_answering = session.stats()["frames_ingested"] - base
+        ingested_while_answering = session.stats().frames_ingested - base
     return response, ingested_while_answering
 
 
@@ -72,29 +72,29 @@ async def test_parallel_ingests_frames_during_the_answer(runtime) -> None:
         assert response.status in ("completed", "incomplete")
         assert response.usage["output_tokens"] > runtime.settings.turn_tokens, "answer too short to test"
         assert during == 3, "parallel: frames pushed during the answer must be in KV before it ends"
-        assert session.stats()["frames_during_answer"] == 3
+        assert session.stats().frames_during_answer == 3
 
 
 async def test_sequential_holds_frames_until_the_answer_ends(runtime) -> None:
     async with runtime.open_session(schedule="sequential") as session:
-        base = session.stats()["frames_ingested"]
+        base = session.stats().frames_ingested
         response, during = await answer_while_pushing(session, frames(3))
         assert response.usage["output_tokens"] > runtime.settings.turn_tokens
         assert during == 0, "sequential: frames must wait for the answer to end"
-        await wait_until(lambda: session.stats()["frames_ingested"] == base + 1 + 3)
+        await wait_until(lambda: session.stats().frames_ingested == base + 1 + 3)
 
 
 async def test_idle_session_ingests_frames_and_answers(runtime) -> None:
     async with runtime.open_session(instructions="You watch a camera.") as session:
         await show(session, frames(2, seed=1))
         stats = session.stats()
-        assert stats["frame_lag_p95_ms"] is not None and stats["frame_lag_p95_ms"] > 0
+        assert stats.frame_lag_p95_ms is not None and stats.frame_lag_p95_ms > 0
         text = await session.ask(WHAT_SEEN, max_tokens=12).read()
         assert text.strip()
         stats = session.stats()
-        assert stats["ttft_ms"] is not None and stats["ttft_ms"] > 0
-        assert stats["tokens_per_s"] is not None and stats["tokens_per_s"] > 0
-        assert stats["session_tokens"] > 12
+        assert stats.ttft_ms is not None and stats.ttft_ms > 0
+        assert stats.tokens_per_s is not None and stats.tokens_per_s > 0
+        assert stats.session_tokens > 12
 
 
 async def test_cancel_mid_answer_stops_decoding_and_session_continues(runtime) -> None:
@@ -105,9 +105,9 @@ async def test_cancel_mid_answer_stops_decoding_and_session_continues(runtime) -
             await session.cancel()
         assert response.status == "cancelled"
         assert response.usage["output_tokens"] < 200
-        tokens_after_cancel = session.stats()["session_tokens"]
+        tokens_after_cancel = session.stats().session_tokens
         await asyncio.sleep(0.5)
-        assert session.stats()["session_tokens"] == tokens_after_cancel, "nothing decodes after cancel"
+        assert session.stats().session_tokens == tokens_after_cancel, "nothing decodes after cancel"
         follow_up = session.ask(WHAT_COLOR, max_tokens=8)
         assert (await follow_up.read()) and follow_up.status in ("completed", "incomplete")
     assert runtime.engine.output_processor.get_num_unfinished_requests() == 0, "close must free the request"
@@ -134,9 +134,9 @@ async def test_bad_frames_raise_and_the_session_keeps_working(runtime) -> None:
         for frame in bad:
             with pytest.raises(ValueError):
                 await session.push_frame(frame)
-        assert session.stats()["frames_rejected"] == len(bad)
+        assert session.stats().frames_dropped_by_reason == {"invalid": len(bad)}
         await session.push_frame(frames(1)[0])
-        await wait_until(lambda: session.stats()["frames_ingested"] == 1)
+        await wait_until(lambda: session.stats().frames_ingested == 1)
         assert await session.ask(WHAT_SHAPE, max_tokens=8).read()
 
 
@@ -152,20 +152,20 @@ async def test_two_concurrent_sessions_stay_independent(runtime) -> None:
     alone_a, _ = await run(*a)
     assert text_a == alone_a, "a session's answer must not depend on another session running beside it"
     assert text_a != text_b
-    assert stats_a["frames_ingested"] == stats_b["frames_ingested"] == 2
-    assert stats_a["session_id"] != stats_b["session_id"]
+    assert stats_a.frames_ingested == stats_b.frames_ingested == 2
+    assert stats_a.session_id != stats_b.session_id
 
 
 async def test_frames_above_the_fps_cap_are_dropped_and_counted(runtime) -> None:
     async with runtime.open_session(max_fps=2.0) as session:
         for i, frame in enumerate(frames(6, seed=3)):
             await session.push_frame(frame, timestamp=i * 0.1)  # 10 fps offered
-        await wait_until(lambda: session.stats()["frames_ingested"] == 2)
+        await wait_until(lambda: session.stats().frames_ingested == 2)
         await asyncio.sleep(0.3)
         stats = session.stats()
-        assert stats["frames_received"] == 6
-        assert stats["frames_dropped_by_reason"]["rate"] == 4  # kept: t=0.0 and t=0.5
-        assert stats["frames_ingested"] + stats["frames_dropped"] == 6
+        assert stats.frames_received == 6
+        assert stats.frames_dropped_by_reason["rate"] == 4  # kept: t=0.0 and t=0.5
+        assert stats.frames_ingested + stats.frames_dropped == 6
 
 
 async def test_question_with_an_image(runtime) -> None:

@@ -1,4 +1,7 @@
-"""A stand-in for ``runtime.Runtime`` with exactly its public interface, for fast server tests.
+"""A stand-in for ``runtime.Runtime`` with exactly the interface the server needs, for fast server tests.
+
+It serves `runtime.server.contract` (``tests/server/test_contract.py`` checks it against the
+protocols and the real classes, so the two cannot drift apart).
 
 No model: a session records what it is given (frames, questions, updates) and answers with a
 deterministic text built from it, one word per delta, ``token_delay`` seconds apart, so tests can
@@ -26,6 +29,9 @@ from PIL import Image
 
 from runtime.errors import EngineUnavailable, ResponseActive
 from runtime.runtime import RuntimeSettings
+from runtime.wire import ResponseStatus, Schedule, SessionStats
+from streams.change import ChangeFilterSettings
+from streams.frame import Frame, rgb_pixels
 
 _ids = itertools.count(1)
 
@@ -36,15 +42,18 @@ class Asked:
     max_tokens: int | None
     images: list[np.ndarray]
     instructions: str | None
+    response_id: str | None
 
 
 class FakeResponse:
     """Async iterator of word deltas; ends early (status "cancelled") when the session cancels it."""
 
-    def __init__(self, session: FakeSession, words: list[str] | None, max_tokens: int | None) -> None:
-        self.id = f"fake_resp_{next(_ids)}"
-        self.status = "in_progress"
-        self.usage: dict[str, Any] = {"input_tokens": 10 + len(session.frames), "output_tokens": 0}
+    def __init__(
+        self, session: FakeSession, words: list[str] | None, max_tokens: int | None, response_id: str | None
+    ) -> None:
+        self.id = response_id or f"fake_resp_{next(_ids)}"
+        self.status: ResponseStatus = "in_progress"
+        self.usage: dict[str, int] = {"input_tokens": 10 + len(session.frames), "output_tokens": 0}
         self._session = session
         self._words = words  # None: endless
         self._max_tokens = max_tokens
@@ -81,24 +90,26 @@ class FakeResponse:
 class FakeSession:
     runtime: FakeRuntime
     instructions: str | None
-    schedule: str
+    schedule: Schedule
     id: str = field(default_factory=lambda: f"sess_fake{next(_ids)}")
-    frames: list[tuple[tuple[int, ...], float | None]] = field(default_factory=list)
+    ingested: list[Frame] = field(default_factory=list)
     asked: list[Asked] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     active: FakeResponse | None = None
     cancels: int = 0
     closed: bool = False
     max_fps: float | None = None
+    change_filter: ChangeFilterSettings | None = None
 
-    async def push_frame(self, frame: Any, timestamp: float | None = None) -> None:
+    @property
+    def frames(self) -> list[tuple[tuple[int, ...], float]]:
+        """(shape, stream timestamp) of every frame ingested."""
+        return [(frame.rgb.shape, frame.timestamp) for frame in self.ingested]
+
+    def ingest(self, frame: Frame) -> None:
         if self.closed:
             raise RuntimeError("session is closed")
-        rgb = isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3
-        if not rgb or frame.dtype != np.uint8:
-            raise ValueError("expected an HxWx3 uint8 RGB array")
-        self.frames.append((frame.shape, timestamp))
-        await asyncio.sleep(0)
+        self.ingested.append(frame)
 
     def ask(
         self,
@@ -107,6 +118,7 @@ class FakeSession:
         *,
         images: Sequence[np.ndarray] = (),
         instructions: str | None = None,
+        response_id: str | None = None,
     ) -> FakeResponse:
         if self.closed:
             raise EngineUnavailable("session is closed")
@@ -114,13 +126,14 @@ class FakeSession:
             raise ResponseActive("a response is in progress")
         if self.runtime.fail_asks:
             raise EngineUnavailable("the fake engine is down")
-        self.asked.append(Asked(text, max_tokens, list(images), instructions))
+        images = [rgb_pixels(image) for image in images]
+        self.asked.append(Asked(text, max_tokens, images, instructions, response_id))
         shapes = ",".join(f"{im.shape[1]}x{im.shape[0]}" for im in images) or "none"
         words = None
         if "forever" not in text:
             answer = f"seen {len(self.frames)} frames, images {shapes}, you said: {text}"
             words = [word + " " for word in answer.split()]
-        self.active = FakeResponse(self, words, max_tokens)
+        self.active = FakeResponse(self, words, max_tokens, response_id)
         return self.active
 
     async def cancel(self) -> None:
@@ -128,29 +141,37 @@ class FakeSession:
         if self.active is not None:
             self.active.cancelled.set()
 
-    def update(self, *, instructions: Any = None, max_fps: Any = None, schedule: Any = None) -> None:
+    def update(
+        self,
+        *,
+        instructions: str | None = None,
+        max_fps: float | None = None,
+        schedule: str | None = None,
+        change_filter: ChangeFilterSettings | None = None,
+    ) -> None:
         self.updates.append({"instructions": instructions, "max_fps": max_fps, "schedule": schedule})
+        if change_filter is not None:
+            self.change_filter = change_filter
         if schedule is not None:
-            self.schedule = schedule
+            self.schedule = schedule  # type: ignore[assignment]  # the protocol core validated it
         if max_fps is not None:
             self.max_fps = max_fps
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SessionStats:
         n = len(self.frames)
-        return {
-            "frames_received": n,
-            "frames_ingested": n,
-            "frames_dropped": 0,
-            "frame_lag_p50_ms": 5.0 if n else None,
-            "frame_lag_p95_ms": 9.0 if n else None,
-            "ttft_ms": None,
-            "tokens_per_s": None,
-            "session_tokens": 64 * n,
-            "frames_during_answer": 0,
-            "rollovers": 0,
-            "positions": self.runtime.positions,
-            "schedule": self.schedule,
-        }
+        return SessionStats(
+            session_id=self.id,
+            schedule=self.schedule,
+            positions=str(self.runtime.positions),
+            max_fps=self.max_fps,
+            frames_received=n,
+            frames_sampled=n,
+            frames_ingested=n,
+            frame_lag_p50_ms=5.0 if n else None,
+            frame_lag_p95_ms=9.0 if n else None,
+            answering=self.active is not None,
+            session_tokens=64 * n,
+        )
 
     async def close(self) -> None:
         if self.active is not None:
@@ -169,7 +190,7 @@ class FakeRuntime:
         trained_positions: str = "group-decoupled",
         trained_turn_tokens: int = 3,
         turn_tokens: int | None = None,
-        schedule: str = "parallel",
+        schedule: Schedule = "parallel",
         token_delay: float = 0.005,
         hold: bool = False,
         fail_start: bool = False,
@@ -216,18 +237,31 @@ class FakeRuntime:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def open_session(self, instructions: str | None = None, schedule: str | None = None) -> FakeSession:
+    def open_session(
+        self,
+        instructions: str | None = None,
+        schedule: Schedule | None = None,
+        *,
+        max_fps: float | None = None,
+        change_filter: ChangeFilterSettings | None = None,
+    ) -> FakeSession:
         if not self.ready:
             raise EngineUnavailable("not started")
-        session = FakeSession(self, instructions, schedule or self.schedule)
+        session = FakeSession(
+            self, instructions, schedule or self.schedule, max_fps=max_fps, change_filter=change_filter
+        )
         self.sessions.append(session)
         return session
+
+    @property
+    def max_output_tokens(self) -> int:
+        return self.settings.max_output_tokens
 
     @property
     def open_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions if not s.closed]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, object]:
         return {
             "sessions": len(self.open_sessions),
             "kv_tokens": sum(64 * len(s.frames) for s in self.open_sessions),

@@ -25,10 +25,29 @@ from runtime.server.protocol import (
     error_event,
     session_limit_reached,
 )
+from runtime.wire import (
+    ChangeFilterConfig,
+    ChangeFilterUpdate,
+    InputVideoStats,
+    SessionObject,
+    SessionStats,
+    SessionUpdate,
+    SessionUpdateFields,
+    VideoConfig,
+    VideoUpdate,
+    decode_client_event,
+)
+from streams.change import ChangeFilterSettings
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(40))
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
-VIDEO_DEFAULTS = {"max_fps": 2.0, "schedule": "parallel", "window": 16, "positions": "group-decoupled"}
+FILTER_DEFAULTS = {"enabled": True, "threshold": 6.0, "keepalive_s": 10.0}
+VIDEO_DEFAULTS = {
+    "max_fps": 2.0,
+    "schedule": "parallel",
+    "positions": "group-decoupled",
+    "change_filter": FILTER_DEFAULTS,
+}
 USAGE = {"input_tokens": 100, "output_tokens": 7}
 
 
@@ -60,7 +79,11 @@ def send(proto: RealtimeProtocol, **event: Any) -> list:
 
 
 def events(out: list) -> list[dict]:
-    return [o.payload for o in out if isinstance(o, ServerEvent)]
+    return [o.encode() for o in out if isinstance(o, ServerEvent)]
+
+
+def items(proto: RealtimeProtocol) -> list[dict]:
+    return [item.encode() for item in proto.items]
 
 
 def actions(out: list) -> list:
@@ -68,12 +91,12 @@ def actions(out: list) -> list:
 
 
 def types(out: list) -> list[str]:
-    return [o.payload["type"] if isinstance(o, ServerEvent) else type(o).__name__ for o in out]
+    return [o.type if isinstance(o, ServerEvent) else type(o).__name__ for o in out]
 
 
 def only_error(out: list) -> dict:
     assert len(out) == 1 and isinstance(out[0], ServerEvent), out
-    payload = out[0].payload
+    payload = out[0].encode()
     assert payload["type"] == "error"
     assert set(payload) == {"type", "event_id", "error"}
     assert set(payload["error"]) == {"type", "code", "message", "param", "event_id"}
@@ -139,7 +162,7 @@ def test_server_defaults_show_in_session_created_and_positions_come_from_the_eng
     defaults = SessionConfig(
         instructions="You watch a kitchen.",
         max_output_tokens=256,
-        video={"max_fps": 1.0, "window": 4, "positions": "sequential"},
+        video={"max_fps": 1.0, "positions": "sequential"},
     )
     proto = make(defaults=defaults, start=False)
     session = events(proto.start())[0]["session"]
@@ -148,8 +171,8 @@ def test_server_defaults_show_in_session_created_and_positions_come_from_the_eng
     assert session["video"] == {
         "max_fps": 1.0,
         "schedule": "parallel",
-        "window": 4,
         "positions": "group-decoupled",
+        "change_filter": FILTER_DEFAULTS,
     }
 
 
@@ -164,16 +187,16 @@ def test_session_update_emits_action_then_session_updated():
             "instructions": "Be brief.",
             "output_modalities": ["text"],
             "max_output_tokens": 128,
-            "video": {"max_fps": 4, "schedule": "sequential", "window": 8, "positions": "group-decoupled"},
+            "video": {"max_fps": 4, "schedule": "sequential", "positions": "group-decoupled"},
         },
     )
     assert types(out) == ["UpdateSession", "session.updated"]
-    expected_video = {"max_fps": 4.0, "schedule": "sequential", "window": 8, "positions": "group-decoupled"}
+    expected_video = {"max_fps": 4.0, "schedule": "sequential", "positions": "group-decoupled"}
     assert out[0] == UpdateSession(SessionConfig("Be brief.", 128, expected_video))
-    session = out[1].payload["session"]
+    session = out[1].encode()["session"]
     assert session["instructions"] == "Be brief."
     assert session["max_output_tokens"] == 128
-    assert session["video"] == expected_video
+    assert session["video"] == {**expected_video, "change_filter": FILTER_DEFAULTS}
     assert session["id"] == "sess_1" and session["type"] == "realtime"
     assert proto.config == out[0].config
 
@@ -182,15 +205,14 @@ def test_session_update_partial_updates_merge():
     proto = make()
     send(proto, type="session.update", session={"instructions": "A"})
     send(proto, type="session.update", session={"max_output_tokens": 64})
-    send(proto, type="session.update", session={"video": {"window": 3}})
+    send(proto, type="session.update", session={"video": {"schedule": "sequential"}})
     out = send(proto, type="session.update", session={"video": {"max_fps": 0.5}})
     config = out[0].config
     assert config.instructions == "A"
     assert config.max_output_tokens == 64
     assert config.video == {
         "max_fps": 0.5,
-        "schedule": "parallel",
-        "window": 3,
+        "schedule": "sequential",
         "positions": "group-decoupled",
     }
     # An empty update changes nothing and still confirms.
@@ -205,8 +227,8 @@ def test_session_update_inf_and_null_reset_to_server_values():
     out = send(proto, type="session.update", session={"max_output_tokens": "inf", "instructions": None})
     assert out[0].config.max_output_tokens is None
     assert out[0].config.instructions == "default"
-    assert out[1].payload["session"]["max_output_tokens"] == 4096
-    assert out[1].payload["session"]["instructions"] == "default"
+    assert out[1].encode()["session"]["max_output_tokens"] == 4096
+    assert out[1].encode()["session"]["instructions"] == "default"
     proto = make(defaults=SessionConfig(max_output_tokens=300))
     send(proto, type="session.update", session={"max_output_tokens": 10})
     out = send(proto, type="session.update", session={"max_output_tokens": None})
@@ -222,11 +244,15 @@ def test_session_update_ignores_unknown_keys():
         proto,
         type="session.update",
         future_field=1,
-        session={"instructions": "ok", "audio": {"output": {"voice": "alloy"}}, "video": {"zoom": 2}},
+        session={
+            "instructions": "ok",
+            "audio": {"output": {"voice": "alloy"}},
+            "video": {"zoom": 2, "window": 0},  # window: a setting older servers took and ignored
+        },
     )
     assert types(out) == ["UpdateSession", "session.updated"]
-    assert "audio" not in out[1].payload["session"]
-    assert "zoom" not in out[1].payload["session"]["video"]
+    assert "audio" not in out[1].encode()["session"]
+    assert out[1].encode()["session"]["video"] == VIDEO_DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -254,11 +280,24 @@ def test_session_update_ignores_unknown_keys():
         ({"video": {"max_fps": "2"}}, "session.video.max_fps"),
         ({"video": {"max_fps": True}}, "session.video.max_fps"),
         ({"video": {"schedule": "interleaved"}}, "session.video.schedule"),
-        ({"video": {"window": 0}}, "session.video.window"),
-        ({"video": {"window": 2.0}}, "session.video.window"),
         ({"video": {"positions": "sequential"}}, "session.video.positions"),
+        ({"video": {"change_filter": True}}, "session.video.change_filter"),
+        ({"video": {"change_filter": None}}, "session.video.change_filter"),
+        ({"video": {"change_filter": {"enabled": "no"}}}, "session.video.change_filter.enabled"),
+        ({"video": {"change_filter": {"enabled": 0}}}, "session.video.change_filter.enabled"),
+        ({"video": {"change_filter": {"threshold": "6"}}}, "session.video.change_filter.threshold"),
+        ({"video": {"change_filter": {"threshold": True}}}, "session.video.change_filter.threshold"),
+        ({"video": {"change_filter": {"threshold": -1}}}, "session.video.change_filter.threshold"),
+        ({"video": {"change_filter": {"threshold": 255}}}, "session.video.change_filter.threshold"),
+        ({"video": {"change_filter": {"keepalive_s": 0}}}, "session.video.change_filter.keepalive_s"),
+        ({"video": {"change_filter": {"keepalive_s": None}}}, "session.video.change_filter.keepalive_s"),
+        # a good field of the filter does not go in with a bad one
+        (
+            {"video": {"change_filter": {"enabled": False, "keepalive_s": -2}}},
+            "session.video.change_filter.keepalive_s",
+        ),
         # One bad field rejects the whole update, good fields included.
-        ({"instructions": "fine", "video": {"window": -3}}, "session.video.window"),
+        ({"instructions": "fine", "video": {"max_fps": -3}}, "session.video.max_fps"),
     ],
 )
 def test_session_update_rejects_wrong_types_and_values(session, param):
@@ -268,6 +307,44 @@ def test_session_update_rejects_wrong_types_and_values(session, param):
     assert error == {**error, "type": "invalid_request_error", "code": "invalid_value", "param": param}
     assert error["event_id"] == "evt_9"
     assert snapshot(proto) == before
+
+
+def test_session_update_sets_the_change_filter_field_by_field_and_echoes_it():
+    proto = make(defaults=SessionConfig(change_filter=ChangeFilterSettings(threshold=4.0)))
+    assert proto.config.change_filter == ChangeFilterSettings(threshold=4.0)
+    out = send(proto, type="session.update", session={"video": {"change_filter": {"keepalive_s": 2.5}}})
+    assert types(out) == ["UpdateSession", "session.updated"]
+    assert out[0].config.change_filter == ChangeFilterSettings(True, 4.0, 2.5)
+    shown = {"enabled": True, "threshold": 4.0, "keepalive_s": 2.5}
+    assert out[1].encode()["session"]["video"]["change_filter"] == shown
+    # unknown keys are ignored, as everywhere; the other settings stay
+    update = {"enabled": False, "threshold": 0, "blur": 3}
+    out = send(proto, type="session.update", session={"video": {"change_filter": update}})
+    assert out[0].config.change_filter == ChangeFilterSettings(False, 0.0, 2.5)
+    assert out[0].config.video["max_fps"] == 2.0
+    shown = {"enabled": False, "threshold": 0.0, "keepalive_s": 2.5}
+    assert out[1].encode()["session"]["video"]["change_filter"] == shown
+    error = only_error(
+        send(proto, type="session.update", session={"video": {"change_filter": {"threshold": 300}}})
+    )
+    assert "threshold" in error["message"] and "[0, 255)" in error["message"]
+
+
+def test_the_change_filter_round_trips_through_the_wire_classes():
+    update = SessionUpdate(
+        event_id="e1",
+        session=SessionUpdateFields(video=VideoUpdate(change_filter=ChangeFilterUpdate(threshold=3.0))),
+    )
+    payload = update.encode()
+    assert payload["session"]["video"] == {"change_filter": {"threshold": 3.0}}
+    assert decode_client_event(payload) == update
+    shown = SessionObject(
+        "s", "m", None, 8, VideoConfig(2.0, "parallel", "p", ChangeFilterConfig(False, 3.0, 5.0))
+    )
+    assert SessionObject.decode(shown.encode()) == shown
+    older = shown.encode()
+    del older["video"]["change_filter"]  # type: ignore[union-attr]  # a server without the filter
+    assert SessionObject.decode(older).video.change_filter is None
 
 
 def test_session_update_accepts_limits_exactly():
@@ -298,19 +375,19 @@ def test_item_create_text_message_sequence_and_shapes():
         "role": "user",
         "content": [{"type": "input_text", "text": "hello"}],
     }
-    assert out[1].payload == {
+    assert out[1].encode() == {
         "type": "conversation.item.added",
         "event_id": "event_4",
         "previous_item_id": None,
         "item": item,
     }
-    assert out[2].payload == {
+    assert out[2].encode() == {
         "type": "conversation.item.done",
         "event_id": "event_5",
         "previous_item_id": None,
         "item": item,
     }
-    assert proto.items == (item,)
+    assert items(proto) == [item]
 
 
 def test_item_create_chains_previous_item_id_and_keeps_client_ids():
@@ -321,9 +398,9 @@ def test_item_create_chains_previous_item_id_and_keeps_client_ids():
         proto, type="conversation.item.create", previous_item_id=second[0].item_id, item=user_message("c")
     )
     assert first[0].item_id == "msg_a"
-    assert second[1].payload["previous_item_id"] == "msg_a"
-    assert third[1].payload["previous_item_id"] == second[0].item_id
-    assert [item["id"] for item in proto.items] == ["msg_a", second[0].item_id, third[0].item_id]
+    assert second[1].encode()["previous_item_id"] == "msg_a"
+    assert third[1].encode()["previous_item_id"] == second[0].item_id
+    assert [item["id"] for item in items(proto)] == ["msg_a", second[0].item_id, third[0].item_id]
 
 
 def test_item_create_with_images_decodes_data_urls_and_does_not_echo_them():
@@ -343,7 +420,7 @@ def test_item_create_with_images_decodes_data_urls_and_does_not_echo_them():
     assert isinstance(action, AddUserMessage)
     assert action.images == (JPEG, PNG)
     assert action.text == "compare\nwith"
-    assert out[1].payload["item"]["content"] == [
+    assert out[1].encode()["item"]["content"] == [
         {"type": "input_text", "text": "compare"},
         {"type": "input_image", "detail": "auto"},
         {"type": "input_text", "text": "with"},
@@ -362,7 +439,7 @@ def test_item_create_accepts_mime_case_and_jpg_alias_and_root_previous():
     proto = make()
     for url in (data_url(JPEG, "IMAGE/JPEG"), data_url(JPEG, "image/jpg"), data_url(PNG, "image/png")):
         item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": url}]}
-        previous = "root" if not proto.items else proto.items[-1]["id"]
+        previous = "root" if not items(proto) else items(proto)[-1]["id"]
         out = send(proto, type="conversation.item.create", previous_item_id=previous, item=item)
         assert types(out)[0] == "AddUserMessage"
 
@@ -536,10 +613,10 @@ def test_one_ask_full_event_sequence_and_shapes():
     }
 
     deltas = proto.text_delta("resp_5", "A red ") + proto.text_delta("resp_5", "mug.")
-    assert [d.payload for d in deltas] == [
+    assert [d.encode() for d in deltas] == [
         {
             "type": "response.output_text.delta",
-            "event_id": deltas[0].payload["event_id"],
+            "event_id": deltas[0].encode()["event_id"],
             "response_id": "resp_5",
             "item_id": "item_6",
             "output_index": 0,
@@ -548,7 +625,7 @@ def test_one_ask_full_event_sequence_and_shapes():
         },
         {
             "type": "response.output_text.delta",
-            "event_id": deltas[1].payload["event_id"],
+            "event_id": deltas[1].encode()["event_id"],
             "response_id": "resp_5",
             "item_id": "item_6",
             "output_index": 0,
@@ -613,7 +690,7 @@ def test_one_ask_full_event_sequence_and_shapes():
         },
     }
     assert proto.active_response_id is None
-    assert proto.items[-1] == final_item
+    assert items(proto)[-1] == final_item
     assert proto.usage == {"total_tokens": 107, "input_tokens": 100, "output_tokens": 7}
 
 
@@ -622,8 +699,8 @@ def test_next_item_follows_the_assistant_item_and_usage_accumulates():
     first = ask(proto)
     proto.response_finished(first.response_id, "completed", USAGE)
     out = send(proto, type="conversation.item.create", item=user_message("and now?"))
-    assert out[1].payload["previous_item_id"] == proto.items[1]["id"]
-    assert proto.items[1]["role"] == "assistant"
+    assert out[1].encode()["previous_item_id"] == items(proto)[1]["id"]
+    assert items(proto)[1]["role"] == "assistant"
     second = send(proto, type="response.create")[0]
     proto.response_finished(
         second.response_id,
@@ -653,7 +730,7 @@ def test_response_create_resolves_instructions_and_max_tokens():
         out = send(proto, type="response.create", response=params)
         start = out[0]
         assert (start.instructions, start.max_output_tokens) == (instructions, max_tokens), params
-        assert out[1].payload["response"]["max_output_tokens"] == max_tokens
+        assert out[1].encode()["response"]["max_output_tokens"] == max_tokens
         proto.response_finished(start.response_id, "completed", {})
 
 
@@ -667,15 +744,15 @@ def test_response_create_uses_session_update_values():
 def test_response_create_echoes_metadata():
     proto = make()
     out = send(proto, type="response.create", response={"metadata": {"turn": "7"}})
-    assert out[1].payload["response"]["metadata"] == {"turn": "7"}
+    assert out[1].encode()["response"]["metadata"] == {"turn": "7"}
     done = proto.response_finished(out[0].response_id, "completed", {})
-    assert done[-1].payload["response"]["metadata"] == {"turn": "7"}
+    assert done[-1].encode()["response"]["metadata"] == {"turn": "7"}
 
 
 def test_response_create_without_conversation_items_is_allowed():
     proto = make()
     out = send(proto, type="response.create")
-    assert out[3].payload["previous_item_id"] is None
+    assert out[3].encode()["previous_item_id"] is None
 
 
 @pytest.mark.parametrize(
@@ -725,21 +802,21 @@ def test_second_response_while_active_is_an_error_not_queued():
     # The first response is unaffected, and once it is done a new one starts.
     assert proto.text_delta(start.response_id, " more")
     done = proto.response_finished(start.response_id, "completed", {})
-    assert done[-1].payload["response"]["output"][0]["content"][0]["text"] == "partial more"
+    assert done[-1].encode()["response"]["output"][0]["content"][0]["text"] == "partial more"
     assert types(send(proto, type="response.create"))[0] == "StartResponse"
 
 
 def test_user_message_during_a_response_is_added_after_the_assistant_item():
     proto = make()
     start = ask(proto)
-    assistant_id = proto.items[-1]["id"]
+    assistant_id = items(proto)[-1]["id"]
     out = send(proto, type="conversation.item.create", item=user_message("wait"))
-    assert out[1].payload["previous_item_id"] == assistant_id
+    assert out[1].encode()["previous_item_id"] == assistant_id
     done = proto.response_finished(start.response_id, "completed", {})
     conv_done = events(done)[3]
     assert conv_done["type"] == "conversation.item.done"
-    assert conv_done["previous_item_id"] == proto.items[0]["id"]
-    assert [item["role"] for item in proto.items] == ["user", "assistant", "user"]
+    assert conv_done["previous_item_id"] == items(proto)[0]["id"]
+    assert [item["role"] for item in items(proto)] == ["user", "assistant", "user"]
 
 
 def test_deltas_and_finish_for_unknown_or_finished_responses_are_ignored():
@@ -784,11 +861,11 @@ def test_unsuccessful_endings_mark_the_item_incomplete(status, reason, details):
     start = ask(proto)
     proto.text_delta(start.response_id, "so far")
     out = proto.response_finished(start.response_id, status, USAGE, reason)
-    done = out[-1].payload["response"]
+    done = out[-1].encode()["response"]
     assert (done["status"], done["status_details"]) == (status, details)
     assert done["output"][0]["status"] == "incomplete"
     assert done["output"][0]["content"] == [{"type": "output_text", "text": "so far"}]
-    assert proto.items[-1]["status"] == "incomplete"
+    assert items(proto)[-1]["status"] == "incomplete"
     assert proto.active_response_id is None
 
 
@@ -810,7 +887,7 @@ def test_cancel_flow_ends_with_response_done_cancelled():
     assert proto.active_response_id == start.response_id
     out = proto.response_finished(start.response_id, "cancelled", {"input_tokens": 10, "output_tokens": 3})
     assert types(out)[-1] == "response.done"
-    done = out[-1].payload["response"]
+    done = out[-1].encode()["response"]
     assert done["status"] == "cancelled"
     assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
     assert done["output"][0]["content"][0]["text"] == "The cup"
@@ -858,7 +935,7 @@ def test_app_may_end_a_cancel_requested_response_as_completed():
     start = ask(proto)
     send(proto, type="response.cancel")
     out = proto.response_finished(start.response_id, "completed", {})
-    assert out[-1].payload["response"]["status"] == "completed"
+    assert out[-1].encode()["response"]["status"] == "completed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,39 +979,24 @@ def test_video_append_rejects_non_finite_timestamps():
         assert only_error(proto.receive(message))["param"] == "timestamp_ms"
 
 
-def test_video_stats_shape_and_extras():
+def test_video_stats_carries_the_session_stats_at_the_top_level():
     proto = make()
-    out = proto.video_stats(
-        {
-            "received": 90,
-            "sampled": 6,
-            "ingested": 5,
-            "dropped": 1,
-            "frame_lag_ms": 180.5,
-            "fps": 2.0,
-            "queue": 1,
-        }
+    stats = SessionStats(
+        session_id="sess_1",
+        schedule="parallel",
+        positions="group-decoupled",
+        frames_received=90,
+        frames_sampled=6,
+        frames_ingested=5,
+        frames_dropped_by_reason={"rate": 84, "invalid": 1},
+        frame_lag_p50_ms=180.5,
     )
-    assert out == [
-        ServerEvent(
-            {
-                "type": "input_video.stats",
-                "event_id": out[0].payload["event_id"],
-                "received": 90,
-                "sampled": 6,
-                "ingested": 5,
-                "dropped": 1,
-                "frame_lag_ms": 180.5,
-                "fps": 2.0,
-                "positions": "group-decoupled",
-                "rollovers": 0,
-                "queue": 1,
-            }
-        )
-    ]
-    defaults = proto.video_stats({"type": "x", "event_id": "y"})[0].payload
-    assert defaults["type"] == "input_video.stats" and defaults["event_id"] != "y"
-    assert (defaults["received"], defaults["frame_lag_ms"], defaults["rollovers"]) == (0, None, 0)
+    out = proto.video_stats(stats)
+    assert types(out) == ["input_video.stats"]
+    payload = out[0].encode()
+    assert payload == {"type": "input_video.stats", "event_id": payload["event_id"], **stats.to_dict()}
+    assert payload["frames_dropped"] == 85 and payload["event_id"].startswith("event_")
+    assert InputVideoStats.decode(json.loads(out[0].to_json())) == out[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1046,15 +1108,15 @@ def test_image_rejected_for_a_message_takes_the_item_back():
     action = send(proto, type="conversation.item.create", event_id="evt_img", item=item)[0]
     out = proto.image_rejected("evt_img", "cannot decode JPEG", item_id=action.item_id)
     assert types(out) == ["error", "conversation.item.deleted"]
-    assert out[0].payload["error"]["event_id"] == "evt_img"
-    assert out[1].payload == {
+    assert out[0].encode()["error"]["event_id"] == "evt_img"
+    assert out[1].encode() == {
         "type": "conversation.item.deleted",
-        "event_id": out[1].payload["event_id"],
+        "event_id": out[1].encode()["event_id"],
         "item_id": action.item_id,
     }
-    assert [i["id"] for i in proto.items] == ["msg_1"]
+    assert [i["id"] for i in items(proto)] == ["msg_1"]
     out = send(proto, type="conversation.item.create", item=user_message("again"))
-    assert out[1].payload["previous_item_id"] == "msg_1"
+    assert out[1].encode()["previous_item_id"] == "msg_1"
     # Unknown item ids only produce the error.
     assert types(proto.image_rejected(None, "bad", item_id="item_gone")) == ["error"]
 
@@ -1072,23 +1134,23 @@ def test_engine_error_is_a_server_error_and_leaves_the_response_to_the_app():
     }
     assert proto.active_response_id == start.response_id
     done = proto.response_finished(start.response_id, "failed", {}, "vLLM engine died")
-    assert done[-1].payload["response"]["status"] == "failed"
+    assert done[-1].encode()["response"]["status"] == "failed"
 
 
 def test_session_limit_reached_without_a_session():
     for event in (session_limit_reached(), RealtimeProtocol.session_limit_reached("full: 8 sessions")):
-        payload = event.payload
+        payload = event.encode()
         assert payload["type"] == "error" and payload["event_id"].startswith("event_")
         assert payload["error"]["type"] == "server_error"
         assert payload["error"]["code"] == "session_limit_reached"
         assert payload["error"]["event_id"] is None
         json.loads(event.to_json())
-    assert RealtimeProtocol.session_limit_reached("full").payload["error"]["message"] == "full"
+    assert RealtimeProtocol.session_limit_reached("full").encode()["error"]["message"] == "full"
 
 
 def test_error_event_helper():
     event = error_event("invalid_value", "bad", param="x", client_event_id="c", event_id="e")
-    assert event.payload == {
+    assert event.encode() == {
         "type": "error",
         "event_id": "e",
         "error": {
@@ -1122,7 +1184,7 @@ def run_everything(proto: RealtimeProtocol) -> list:
             out += proto.response_finished(start[0].response_id, "cancelled", USAGE)
         else:
             out += proto.response_finished(start[0].response_id, "completed", USAGE)
-        out += proto.video_stats({"received": turn})
+        out += proto.video_stats(SessionStats("sess_x", "parallel", "sequential", frames_received=turn))
     out += proto.receive("garbage")
     out += proto.engine_error("x")
     return out
@@ -1135,7 +1197,7 @@ def test_every_server_event_has_a_unique_event_id_and_ids_do_not_collide():
     event_ids = [p["event_id"] for p in payloads]
     assert all(isinstance(i, str) and i.startswith("event_") for i in event_ids)
     assert len(set(event_ids)) == len(event_ids)
-    item_ids = [i["id"] for i in proto.items]
+    item_ids = [i["id"] for i in items(proto)]
     response_ids = [p["response"]["id"] for p in payloads if p["type"] == "response.created"]
     assert len(item_ids) == 6 and len(response_ids) == 3
     assert all(i.startswith("item_") for i in item_ids) and all(r.startswith("resp_") for r in response_ids)
@@ -1146,8 +1208,8 @@ def test_all_payloads_are_json_serialisable_and_to_json_round_trips():
     out = run_everything(make(start=False))
     for event in out:
         if isinstance(event, ServerEvent):
-            assert json.loads(event.to_json()) == event.payload
-            assert event.type == event.payload["type"]
+            assert json.loads(event.to_json()) == event.encode()
+            assert event.type == event.encode()["type"]
 
 
 def test_default_id_format():
@@ -1159,23 +1221,23 @@ def test_default_id_format():
 def test_emitted_payloads_do_not_alias_core_state():
     proto = make()
     out = send(proto, type="conversation.item.create", item=user_message("keep"))
-    out[1].payload["item"]["content"][0]["text"] = "mutated"
-    out[2].payload["item"]["status"] = "mutated"
-    proto.items[0]["content"].clear()
-    assert proto.items[0]["content"] == [{"type": "input_text", "text": "keep"}]
+    out[1].encode()["item"]["content"][0]["text"] = "mutated"
+    out[2].encode()["item"]["status"] = "mutated"
+    items(proto)[0]["content"].clear()
+    assert items(proto)[0]["content"] == [{"type": "input_text", "text": "keep"}]
+    assert out[1].encode()["item"]["content"][0]["text"] == "keep"
     out = send(proto, type="session.update", session={})
-    out[0].config.video["window"] = 999
-    out[1].payload["session"]["video"]["window"] = 998
-    assert proto.config.video["window"] == 16
+    out[0].config.video["max_fps"] = 999
+    assert proto.config.video["max_fps"] == 2.0
 
 
 def test_conversation_memory_is_bounded():
     proto = make(Limits(max_conversation_items=3))
     for n in range(5):
         send(proto, type="conversation.item.create", item=user_message(str(n), id=f"m{n}"))
-    assert [i["id"] for i in proto.items] == ["m2", "m3", "m4"]
+    assert [i["id"] for i in items(proto)] == ["m2", "m3", "m4"]
     out = send(proto, type="conversation.item.create", item=user_message(id="m5"))
-    assert out[1].payload["previous_item_id"] == "m4"
+    assert out[1].encode()["previous_item_id"] == "m4"
 
 
 def test_bytes_messages_are_accepted():
@@ -1209,3 +1271,49 @@ def test_fuzzed_events_never_raise_and_errors_never_change_state(kind, body):
         assert snapshot(proto) == before
     for payload in payloads:
         json.dumps(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# The events against the official SDK's models (openai.types.realtime)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_server_events_parse_as_the_openai_sdk_types():
+    """What the official ``openai`` SDK would make of every event the core sends (our extension
+    ``input_video.stats`` aside): the right model, with the fields it reads."""
+    from openai.types.realtime import RealtimeServerEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(RealtimeServerEvent)
+    out = run_everything(make(start=False))
+    parsed = [adapter.validate_python(p) for p in events(out) if p["type"] != "input_video.stats"]
+    kinds = {type(model).__name__ for model in parsed}
+    assert {
+        "SessionCreatedEvent",
+        "ResponseTextDeltaEvent",
+        "ResponseDoneEvent",
+        "RealtimeErrorEvent",
+    } <= kinds
+    done = next(m for m in parsed if type(m).__name__ == "ResponseDoneEvent")
+    assert done.response.status == "completed" and done.response.usage.output_tokens == 7
+    assert done.response.output[0].content[0].text == "abc"
+    cancelled = [m for m in parsed if type(m).__name__ == "ResponseDoneEvent"][1]
+    assert cancelled.response.status_details.reason == "client_cancelled"
+
+
+def test_client_events_the_core_accepts_parse_as_the_openai_sdk_types():
+    from openai.types.realtime import RealtimeClientEvent
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(RealtimeClientEvent)
+    proto = make()
+    session = {"type": "realtime", "instructions": "x", "max_output_tokens": "inf"}
+    response = {"instructions": "y", "max_output_tokens": 9, "metadata": {}}
+    for event in (
+        {"type": "session.update", "session": session},
+        {"type": "conversation.item.create", "item": user_message("hi")},
+        {"type": "response.create", "response": response},
+        {"type": "response.cancel", "response_id": "resp_7"},
+    ):
+        assert types(send(proto, **event))[0] != "error", event
+        assert adapter.validate_python(event).type == event["type"]

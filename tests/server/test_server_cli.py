@@ -73,7 +73,26 @@ def test_runtime_and_server_options() -> None:
     assert (config.max_sessions, config.max_fps, config.default_fps, config.api_key) == (4, 5.0, 5.0, None)
 
 
-def test_make_tiny_model_and_chat_delegate(monkeypatch, tmp_path, capsys) -> None:
+def test_change_filter_options_reach_the_server_and_the_runtime(monkeypatch) -> None:
+    from streams.change import ChangeFilterSettings
+
+    default = ChangeFilterSettings()
+    assert cli.server_config(parse("serve")).change_filter == default
+    assert cli.runtime_kwargs(parse("serve"))["change_filter"] == default
+    args = parse("serve", "--no-change-filter", "--change-threshold", "3.5", "--change-keepalive", "4")
+    expected = ChangeFilterSettings(enabled=False, threshold=3.5, keepalive_s=4.0)
+    assert cli.server_config(args).change_filter == expected
+    assert cli.runtime_kwargs(args)["change_filter"] == expected
+    monkeypatch.setenv("SPEAKWATCH_CHANGE_FILTER", "off")
+    monkeypatch.setenv("SPEAKWATCH_CHANGE_THRESHOLD", "2")
+    assert cli.server_config(parse("serve")).change_filter == ChangeFilterSettings(False, 2.0)
+    assert cli.server_config(parse("serve", "--change-filter")).change_filter.enabled
+    for bad in (("--change-threshold", "255"), ("--change-threshold", "-1"), ("--change-keepalive", "0")):
+        with pytest.raises(SystemExit):
+            parse("serve", *bad)
+
+
+def test_make_tiny_model_delegates_and_chat_points_elsewhere(monkeypatch, tmp_path, capsys) -> None:
     made = []
     monkeypatch.setattr(
         "runtime.tiny_model.make_tiny_model",
@@ -85,12 +104,11 @@ def test_make_tiny_model_and_chat_delegate(monkeypatch, tmp_path, capsys) -> Non
     assert made[-1] == (str(tmp_path / "w"), "qwen2-vl", 0, {"vocab": "task", "size": "watch"})
     assert "done" in capsys.readouterr().out
 
-    from client import chat
-
-    seen = []
-    monkeypatch.setattr(chat, "main", lambda argv: seen.append(argv) or 7)
-    assert cli.main(["chat", "ws://x/v1/realtime", "--help"]) == 7
-    assert seen == [["ws://x/v1/realtime", "--help"]]
+    # the terminal chat is the client's own console script (runtime never imports client)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["chat", "ws://x/v1/realtime"])
+    assert exited.value.code == 2
+    assert "speakwatch-chat URL" in capsys.readouterr().err
 
 
 async def test_serve_listens_before_the_engine_is_ready(monkeypatch) -> None:

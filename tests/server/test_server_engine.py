@@ -48,10 +48,10 @@ async def connect(served, key: str = "secret"):
 
 async def show(client, seed: int) -> None:
     """One frame into the client's session, waited for until it is in KV (the model answers about it)."""
-    seen = max((event.get("ingested", 0) for event in client.stats), default=0)
+    seen = max((event.get("frames_ingested", 0) for event in client.stats), default=0)
     await client.send({"type": "input_video.append", "image": jpeg_data_url(seed), "timestamp_ms": 0})
     async with asyncio.timeout(60):
-        while not any(event.get("ingested", 0) > seen for event in client.stats):
+        while not any(event.get("frames_ingested", 0) > seen for event in client.stats):
             await client.recv(timeout=60, stats=True)
 
 
@@ -80,7 +80,7 @@ async def test_websocket_session_watches_and_answers(served) -> None:
     assert done["response"]["usage"]["output_tokens"] > 0
     # stats events that arrived during the answer were set aside in client.stats
     async with asyncio.timeout(60):
-        while not any(event.get("ingested", 0) >= 3 for event in client.stats):
+        while not any(event.get("frames_ingested", 0) >= 3 for event in client.stats):
             await client.recv(timeout=60, stats=True)
     await client.close()
 
@@ -94,7 +94,7 @@ async def test_webrtc_video_attached_to_a_websocket_session_is_ingested(served) 
     rtc = await call(served, session_id, rate=10)
     try:
         async with asyncio.timeout(60):
-            while not any(event.get("ingested", 0) >= 3 for event in client.stats):
+            while not any(event.get("frames_ingested", 0) >= 3 for event in client.stats):
                 await client.recv(timeout=60, stats=True)
         text, done = await client.ask(WHAT_SEEN, timeout=60, max_output_tokens=8)
         assert done["response"]["status"] in ("completed", "incomplete") and text

@@ -119,6 +119,17 @@ async def test_static_files_and_clean_404(serve, tmp_path) -> None:
         assert reply.status == 404
 
 
+async def test_the_live_camera_page_is_served_by_default(serve) -> None:
+    """The page ships with the server (runtime/server/web/, package data): no client package involved."""
+    served = await serve()
+    for path, kind in (("/", "text/html"), ("/app.js", "javascript"), ("/style.css", "text/css")):
+        async with served.http.get(served.url + path) as reply:
+            assert reply.status == 200 and kind in reply.content_type, path
+    async with served.http.get(served.url + "/") as reply:
+        page = await reply.text()
+    assert "app.js" in page and "style.css" in page
+
+
 async def test_realtime_without_upgrade_and_bad_calls(serve) -> None:
     served = await serve()
     async with served.http.get(served.url + "/v1/realtime") as reply:

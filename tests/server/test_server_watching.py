@@ -39,7 +39,7 @@ async def test_websocket_answers_name_the_object_in_view(serve, runtime) -> None
             }
         )
         async with asyncio.timeout(60):  # the frame is in KV before the question is asked
-            while not any(event.get("ingested", 0) >= i + 1 for event in client.stats):
+            while not any(event.get("frames_ingested", 0) >= i + 1 for event in client.stats):
                 await client.recv(timeout=60, stats=True)
         text, done = await client.ask("What do you see?", timeout=60, max_output_tokens=6)
         assert done["response"]["status"] == "completed"

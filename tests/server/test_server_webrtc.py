@@ -66,10 +66,10 @@ async def test_call_attached_to_a_websocket_session_feeds_its_video(serve) -> No
 
     report = None
     async with asyncio.timeout(10):
-        while report is None or report["ingested"] < 4:
+        while report is None or report["frames_ingested"] < 4:
             report = (await client.until("input_video.stats"))[-1]
-    assert report["received"] > report["sampled"] >= report["ingested"] >= 4
-    assert report["dropped_by_reason"].get("rate", 0) > 0 and report["max_fps"] == 5.0
+    assert report["frames_received"] > report["frames_sampled"] >= report["frames_ingested"] >= 4
+    assert report["frames_dropped_by_reason"].get("rate", 0) > 0 and report["max_fps"] == 5.0
     answer, _ = await client.ask("what do you see?")
     assert answer.startswith("seen ") and not answer.startswith("seen 0 ")
 

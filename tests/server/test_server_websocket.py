@@ -44,7 +44,9 @@ async def test_happy_path_session_update_text_image_and_answer(serve) -> None:
     )
     updated = await client.recv()
     assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "Be brief."
-    assert session.updates[-1] == {"instructions": "Be brief.", "max_fps": 4.0, "schedule": "parallel"}
+    # the fps cap belongs to the connection's inputs (one sampler each): the session is not told it
+    assert session.updates[-1] == {"instructions": "Be brief.", "max_fps": None, "schedule": "parallel"}
+    assert served.server.connections[session_id].max_fps == 4.0
 
     await client.send(
         user_item(
@@ -229,7 +231,9 @@ async def test_appended_frames_are_rate_capped_and_reported(serve) -> None:
     served = await serve()
     client = await served.connect()
     await client.recv()
-    await client.send({"type": "session.update", "session": {"video": {"max_fps": 5}}})
+    # one still picture over and over: the change filter is off, this test is about the rate cap
+    video = {"max_fps": 5, "change_filter": {"enabled": False}}
+    await client.send({"type": "session.update", "session": {"video": video}})
     await client.until("session.updated")
     frame = image_url(64, 48)
     for i in range(20):  # 20 frames over 1 s of stream time at 20 fps: 5 fps keeps every 4th
@@ -242,9 +246,9 @@ async def test_appended_frames_are_rate_capped_and_reported(serve) -> None:
     assert session.frames[0] == ((48, 64, 3), 0.0) and session.frames[1][1] == pytest.approx(0.2)
     stats = await client.until("input_video.stats")
     report = stats[-1]
-    assert report["received"] == 20 and report["sampled"] == 5 and report["ingested"] == 5
-    assert report["dropped"] == 15 and report["dropped_by_reason"] == {"rate": 15}
-    assert report["positions"] == "group-decoupled" and report["frame_lag_ms"] == 5.0
+    assert (report["frames_received"], report["frames_sampled"], report["frames_ingested"]) == (20, 5, 5)
+    assert report["frames_dropped"] == 15 and report["frames_dropped_by_reason"] == {"rate": 15}
+    assert report["positions"] == "group-decoupled" and report["frame_lag_p50_ms"] == 5.0
     # stats stop once frames stop flowing
     count = len(client.stats)
     await asyncio.sleep(0.6)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams import Frame, FrameSampler
+from streams import ChangeFilter, ChangeFilterSettings, Frame, FrameSampler
 
 PIXELS = np.zeros((2, 2, 3), np.uint8)
 
@@ -86,10 +86,12 @@ def test_stale_frames_are_dropped_at_take_and_at_offer() -> None:
     fps=st.one_of(st.none(), st.floats(0.5, 30)),
     buffer_size=st.integers(1, 6),
     max_age=st.one_of(st.none(), st.floats(0.1, 3)),
+    keepalive=st.one_of(st.none(), st.floats(0.1, 3)),
 )
-def test_every_frame_is_accounted_for(ops, fps, buffer_size, max_age) -> None:
+def test_every_frame_is_accounted_for(ops, fps, buffer_size, max_age, keepalive) -> None:
     clock = FakeClock()
-    sampler = FrameSampler(fps=fps, buffer_size=buffer_size, max_age=max_age, clock=clock)
+    change = None if keepalive is None else ChangeFilter(ChangeFilterSettings(keepalive_s=keepalive))
+    sampler = FrameSampler(fps=fps, buffer_size=buffer_size, max_age=max_age, clock=clock, change=change)
     ts = 0.0
     delivered = []
     for op, dt in ops:

@@ -558,7 +558,8 @@ def test_laid_out_answers_name_the_object_latest_in_kv(chat, monkeypatch) -> Non
             previous = None
             for k, stop in enumerate([*starts[1:], len(tokens)]):
                 obj = shown[max(stream.frames_before(positions[starts[k]]))]  # latest in KV
-                text = chat.decode([laid.labels[i] for i in positions[starts[k] : stop]])
+                ids = [laid.labels[i] for i in positions[starts[k] : stop]]
+                text = chat.tokenizer.decode(ids, skip_special_tokens=True)
                 named = scenes.mentions(text)
                 if exchange.question == scenes.QUESTIONS[0]:
                     assert named == [(obj.color, None)]

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from engine_recording import Recorder, served_sequence, with_logprobs
 
 from runtime import layout
-from runtime.engine import ModelInfo
 from runtime.training import scenes
 from runtime.training.data import FrameRef, LaidOut
 from runtime.training.finetune import Encoder, FinetuneConfig, supervised_logits
@@ -37,64 +37,6 @@ def _frame(color: str, shape: str, height: int, width: int, seed: int) -> np.nda
     return scenes.render(obj, height, width, rng)
 
 
-class Recorder:
-    """Wraps the engine's ``generate``: every chunk sent and every output received, in order."""
-
-    def __init__(self, engine) -> None:
-        self.original = engine.generate
-        self.chunks: list = []
-        self.outputs: list = []
-
-    def generate(self, prompt, params, request_id, **kwargs):
-        async def tee():
-            async for item in prompt:
-                self.chunks.append(item)
-                yield item
-
-        async def run():
-            async for out in self.original(tee(), params, request_id=request_id, **kwargs):
-                self.outputs.append(out)
-                yield out
-
-        return run()
-
-
-def _served(recorder: Recorder, info: ModelInfo):
-    """The KV sequence vLLM held, each chunk's sampled (token, logprob) list, and where each was sampled."""
-    chat = info.chat
-    sampled: list[tuple[int, float]] = []
-    for out in recorder.outputs:
-        completion = out.outputs[0]
-        for token, logprobs in zip(completion.token_ids, completion.logprobs or [], strict=True):
-            sampled.append((token, logprobs[token].logprob))
-    sequence: list[int] = []
-    per_chunk: list[list[tuple[int, int, float]]] = []  # (source index, token, logprob)
-    cursor = 0
-    for chunk in recorder.chunks:
-        prompt = chunk.prompt
-        grids = []
-        if "multi_modal_data" in prompt:
-            grids = [tuple(g) for g in prompt["multi_modal_data"]["image"]["image_grid_thw"].tolist()]
-        items = iter(grids)
-        for token in prompt["prompt_token_ids"]:
-            if token == chat.image_pad:
-                t, h, w = next(items)
-                sequence.extend([token] * (t * h * w // info.spatial_merge_size**2))
-            else:
-                sequence.append(token)
-        limit = chunk.sampling_params.max_tokens
-        turn: list[tuple[int, int, float]] = []
-        while cursor < len(sampled) and len(turn) < limit:
-            token, logprob = sampled[cursor]
-            cursor += 1
-            turn.append((len(sequence) - 1 + len(turn), token, logprob))
-            if token == chat.im_end:
-                break
-        sequence.extend(token for _, token, _ in turn[:-1])
-        per_chunk.append(turn)
-    return sequence, per_chunk
-
-
 async def test_served_stream_equals_the_training_forward(runtime, monkeypatch) -> None:
     info = runtime.info
     chat = info.chat
@@ -102,19 +44,12 @@ async def test_served_stream_equals_the_training_forward(runtime, monkeypatch) -
     blue = _frame("blue", "circle", 480, 640, seed=2)
     recorder = Recorder(runtime.engine)
     monkeypatch.setattr(runtime.engine, "generate", recorder.generate)
-    plain = runtime.sampling_params
-
-    def with_logprobs(max_tokens: int):
-        params = plain(max_tokens).clone()
-        params.logprobs = 0
-        return params
-
-    monkeypatch.setattr(runtime, "sampling_params", with_logprobs)
+    with_logprobs(runtime, monkeypatch)
     k = runtime.settings.turn_tokens
     async with runtime.open_session(instructions=SYSTEM, schedule="parallel") as session:
         await session.push_frame(red)
         async with asyncio.timeout(60):
-            while session.stats()["frames_ingested"] < 1:
+            while session.stats().frames_ingested < 1:
                 await asyncio.sleep(0.02)
         commentary = session.ask(scenes.COMMENTARY, max_tokens=8 * k)
         pushed = False
@@ -123,11 +58,11 @@ async def test_served_stream_equals_the_training_forward(runtime, monkeypatch) -
                 await session.push_frame(blue)
                 pushed = True
         assert commentary.status == "incomplete"
-        assert session.stats()["frames_during_answer"] == 1, "the second frame must arrive mid-answer"
+        assert session.stats().frames_during_answer == 1, "the second frame must arrive mid-answer"
         second = session.ask("What do you see?", max_tokens=8)
         await second.read()
         await asyncio.sleep(0.2)
-    sequence, per_chunk = _served(recorder, info)
+    sequence, per_chunk = served_sequence(recorder.chunks, recorder.outputs, info)
 
     # the trainer's layout, driven by the same events
     merge = info.spatial_merge_size

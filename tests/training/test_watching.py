@@ -25,7 +25,7 @@ HELD_OUT_SEED = 4_000_000_000
 
 async def _ingested(session, n: int) -> None:
     async with asyncio.timeout(60):
-        while session.stats()["frames_ingested"] < n:
+        while session.stats().frames_ingested < n:
             await asyncio.sleep(0.02)
 
 

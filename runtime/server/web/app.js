@@ -502,12 +502,15 @@ function onError(error) {
 function onVideoStats(event) {
   const at = performance.now();
   video = { ...event, at };
-  counters.push({ at, received: event.received ?? 0, ingested: event.ingested ?? 0 });
+  // the session's SessionStats (runtime/wire.py), under the names the SDKs use
+  const received = event.frames_received ?? 0;
+  const ingested = event.frames_ingested ?? 0;
+  counters.push({ at, received, ingested });
   while (counters.length > 2 && at - counters[0].at > RATE_WINDOW_MS) counters.shift();
-  setNumber(ui.frames, event.ingested ?? 0, String(event.ingested ?? 0));
-  ui.framesIn.textContent = `of ${event.received ?? 0} in`;
-  ui.frames.parentElement.title = `ingested by the model / received by the server; dropped ${event.dropped ?? 0}`;
-  const lag = event.frame_lag_ms;
+  setNumber(ui.frames, ingested, String(ingested));
+  ui.framesIn.textContent = `of ${received} in`;
+  ui.frames.parentElement.title = `ingested by the model / received by the server; dropped ${event.frames_dropped ?? 0}`;
+  const lag = event.frame_lag_p50_ms;
   setNumber(ui.lag, lag, lag === null || lag === undefined ? "–" : `${fmt(lag)} ms`);
   ui.lag.title = `p95 ${fmt(event.frame_lag_p95_ms)} ms`;
 }
@@ -534,7 +537,7 @@ function sample() {
   const fpsUsed = fresh ? rate("ingested") : video ? 0 : null;
   setNumber(ui.fpsIn, fpsIn, fmt(fpsIn, 1));
   setNumber(ui.fpsUsed, fpsUsed, fmt(fpsUsed, 1));
-  samples.push({ in: fpsIn, used: fpsUsed, lag: fresh ? video.frame_lag_ms ?? null : null });
+  samples.push({ in: fpsIn, used: fpsUsed, lag: fresh ? video.frame_lag_p50_ms ?? null : null });
   if (samples.length > CHART_POINTS) samples.shift();
   drawChart();
 }
