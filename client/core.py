@@ -32,6 +32,8 @@ created       response.done                       released      AnswerEnded (unl
                                                                 AnswerReleased
 any           error response_cancel_not_active    released      AnswerReleased
               for its cancel
+released      error response_cancel_not_active    released      (nothing: the cancel crossed
+              for its cancel                                    response.done)
 any           connection closed                   released      AnswerEnded (failed, unless ended),
                                                                 AnswerReleased
 ============  ==================================  ============  ==================================
@@ -240,6 +242,7 @@ class ClientProtocol:
         self.latest: Answer | None = None  # the latest ask
         self._held: Answer | None = None  # the answer whose events the server has and not yet ended
         self._queued: Answer | None = None  # sent once the held one is released
+        self._cancels_sent: deque[str] = deque(maxlen=64)  # recent response.cancel event ids
         self._uncreated: deque[Answer] = deque()  # sent, waiting for response.created (in order)
         self._by_id: dict[str, Answer] = {}
         self._requests: dict[str, None] = {}  # session.update event ids waiting for a reply, in order
@@ -294,6 +297,7 @@ class ClientProtocol:
         if answer.stage == "released" or answer.cancel_event_id is not None or self.closed:
             return []
         answer.cancel_event_id = self._new_event_id()
+        self._cancels_sent.append(answer.cancel_event_id)
         return [Send(ResponseCancel(event_id=answer.cancel_event_id, response_id=answer.id))]
 
     def update(self, fields: SessionUpdateFields) -> SessionUpdate:
@@ -421,6 +425,8 @@ class ClientProtocol:
             if cause is not None and cause == answer.item_event_id:
                 # The user turn was rejected: stop the answer the response.create has started.
                 return self._end(answer, "failed", error=error) + self.cancel(answer)
+        if cause in self._cancels_sent and event.error.code == "response_cancel_not_active":
+            return []  # our cancel crossed the answer's end (already released): nothing went wrong
         self.last_error = error
         if self.session is None:  # e.g. session_limit_reached before the connection closes
             return []

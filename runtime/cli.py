@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from runtime.admission import ADMISSIONS
 from runtime.wire import SCHEDULES
 from streams.change import ChangeFilterSettings
 
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     opt.add("--schedule", choices=SCHEDULES, default="parallel", help="default schedule of new sessions")
     opt.add("--max-sessions", type=_positive(int), default=16, help="realtime sessions at once")
+    opt.add(
+        "--admission",
+        choices=ADMISSIONS,
+        default="kv",
+        help="kv: open a session only while the KV cache holds every open session's token budget; "
+        "off: open every session (vLLM preempts one when the cache fills)",
+    )
     opt.add(
         "--max-fps", type=_positive(float), help="frames per second a session accepts; faster ones dropped"
     )
@@ -232,6 +240,7 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_fps is not None:
         kwargs["max_fps"] = args.max_fps
     kwargs["change_filter"] = change_filter(args)
+    kwargs["admission"] = args.admission
     return kwargs
 
 

@@ -14,10 +14,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import positional
+from runtime.admission import KVCapacity
 from runtime.chat import ChatFormat
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger("speakwatch.engine")
 
@@ -235,13 +239,35 @@ def engine_args(info: ModelInfo, options: EngineOptions):
 
 
 def configure_process_environment(kv_cache_gb: float) -> None:
-    """Offline operation, and a KV budget the CPU build honours, before vLLM is imported."""
+    """Offline operation before vLLM is imported; a word when the KV budget will not be ``kv_cache_gb``.
+
+    The budget itself goes to vLLM as ``kv_cache_memory_bytes`` (`engine_args`), which the CPU build
+    honours to the byte unless ``VLLM_CPU_KVCACHE_SPACE`` is set: that variable (whole GiB) overrides
+    it, so it is left to the user (setting it here would round 0.25 GiB up to 1 and, set once, stick
+    for every later engine of the process). The engine's real capacity is read back after start-up
+    (`kv_capacity`), whichever won.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The CPU worker sizes its KV cache from this variable (GiB); unset, it takes node memory.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if space:
+        log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB overrides kv_cache_gb=%s (CPU build)", space, kv_cache_gb)
+
+
+def kv_capacity(engine: AsyncLLM) -> KVCapacity | None:
+    """The KV cache a started engine gives requests: vLLM's ``num_gpu_blocks`` (set from the engine
+    core's start-up reply, after it sized the cache) less the blocks vLLM keeps for itself; None
+    when the engine reports none. One block pool for every layer: the supported architectures have
+    one full-attention KV group, so ``blocks x block_size`` tokens is what requests can hold."""
+    config = getattr(engine, "vllm_config", None)
+    cache = getattr(config, "cache_config", None)
+    blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+    if not isinstance(blocks, int) or not isinstance(size, int) or blocks < 1 or size < 1:
+        return None
+    watermark = float(getattr(getattr(config, "scheduler_config", None), "watermark", 0.0) or 0.0)
+    return KVCapacity.from_engine(blocks, size, watermark)
 
 
 def in_process_threads(cpus: int) -> int:

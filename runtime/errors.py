@@ -19,3 +19,12 @@ class EngineUnavailable(SpeakwatchError):
 
 class SessionClosed(SpeakwatchError, RuntimeError):
     """The session was closed."""
+
+
+class SessionLimitReached(SpeakwatchError):
+    """No room for another session: the engine's KV cache cannot hold one more session's budget
+    on top of those already admitted (or the server is at its session limit).
+
+    Refused at once, with the numbers, rather than admitted into a cache that would make vLLM
+    preempt or stall the sessions already watching.
+    """

@@ -11,8 +11,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from runtime.engine import DTYPE_BITS, EngineOptions, ModelInfo, build_async_llm, resolve_dtype
-from runtime.errors import EngineUnavailable
+from runtime import admission
+from runtime.admission import ADMISSIONS, Admission, KVCapacity
+from runtime.engine import (
+    DTYPE_BITS,
+    EngineOptions,
+    ModelInfo,
+    build_async_llm,
+    kv_capacity,
+    resolve_dtype,
+)
+from runtime.errors import EngineUnavailable, SessionLimitReached
 from runtime.memory import MemoryConfig
 from runtime.session import Session
 from runtime.wire import SCHEDULES, Schedule
@@ -45,6 +54,9 @@ class RuntimeSettings:
     # push_frame's scene-change filter: frames that show nothing new are dropped ("unchanged"), one
     # still goes in every keepalive_s; ChangeFilterSettings(enabled=False): every frame goes in
     change_filter: ChangeFilterSettings = field(default_factory=ChangeFilterSettings)
+    # "kv": open a session only while the engine's KV cache holds every open session's whole budget
+    # (runtime.admission); "off": open every session, and vLLM preempts one when the cache fills
+    admission: Admission = "kv"
 
     def __post_init__(self) -> None:
         if self.turn_tokens is not None and self.turn_tokens < 1:
@@ -55,6 +67,8 @@ class RuntimeSettings:
             raise ValueError("max_fps must be positive")
         if not isinstance(self.change_filter, ChangeFilterSettings):
             raise ValueError("change_filter must be a ChangeFilterSettings")
+        if self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
 
 
 class Runtime:
@@ -94,6 +108,8 @@ class Runtime:
         self.info: ModelInfo | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speakwatch-perception")
         self.sessions: dict[str, Session] = {}
+        self.kv_capacity: KVCapacity | None = None  # what the engine's KV cache holds, once started
+        self._reserved: dict[str, int] = {}  # session id -> KV blocks reserved for its budget
         self.ready = False
         self.started_at: float | None = None
         self._sampling_cache: dict[int, Any] = {}
@@ -162,6 +178,8 @@ class Runtime:
         )
         log.info("starting the vLLM engine (this takes a while on CPU)")
         self.engine = await asyncio.to_thread(build_async_llm, self.info, self.options)
+        self.kv_capacity = kv_capacity(self.engine)
+        self._log_capacity()
         self.ready = True
         self.started_at = time.monotonic()
         log.info("engine ready in %.1f s", self.started_at - started)
@@ -191,9 +209,15 @@ class Runtime:
         change_filter: ChangeFilterSettings | None = None,
     ) -> Session:
         """A new session on this runtime's engine (call from the event loop); ``max_fps`` and
-        ``change_filter`` default to the runtime's settings."""
+        ``change_filter`` default to the runtime's settings.
+
+        Raises `SessionLimitReached` (with capacity, reserved and asked tokens) when the engine's KV
+        cache cannot hold this session's budget beside every open session's (``admission="kv"``);
+        closing a session gives its reservation back.
+        """
         if not self.ready:
             raise EngineUnavailable("the engine is not running; await runtime.start() first")
+        blocks = self._admit()
         session = Session(
             self,
             instructions=instructions,
@@ -202,10 +226,52 @@ class Runtime:
             change_filter=change_filter,
         )
         self.sessions[session.id] = session
+        if blocks:
+            self._reserved[session.id] = blocks
         return session
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self._reserved.pop(session.id, None)  # its request is aborted: the blocks are free again
+
+    def _admit(self) -> int:
+        """The KV blocks a new session reserves (0 when the engine reports no capacity); with
+        ``admission="kv"``, `SessionLimitReached` when they do not fit beside the open sessions'.
+        With "off" the reservation is still counted, so `stats` shows the overcommitment."""
+        capacity = self.kv_capacity
+        if capacity is None:
+            return 0
+        decision = admission.decide(
+            capacity, sum(self._reserved.values()), len(self._reserved), self.budget_tokens
+        )
+        if not decision.admitted and self.settings.admission == "kv":
+            log.warning("session refused: %s", decision.reason)
+            raise SessionLimitReached(decision.reason)
+        return admission.session_blocks(self.budget_tokens, capacity.block_size)
+
+    @property
+    def kv_tokens_reserved(self) -> int:
+        """KV tokens the open sessions reserved (their budgets, in whole blocks)."""
+        size = self.kv_capacity.block_size if self.kv_capacity is not None else 0
+        return sum(self._reserved.values()) * size
+
+    def _log_capacity(self) -> None:
+        capacity = self.kv_capacity
+        if capacity is None:
+            log.warning("the engine reports no KV capacity: sessions are admitted unchecked")
+            return
+        fit = admission.sessions_that_fit(capacity, self.budget_tokens)
+        log.info(
+            "KV cache: %d tokens (%d blocks of %d); %d sessions of %d budget tokens fit (admission %s)",
+            capacity.tokens,
+            capacity.blocks,
+            capacity.block_size,
+            fit,
+            self.budget_tokens,
+            self.settings.admission,
+        )
+        if fit == 0 and self.settings.admission == "kv":
+            log.warning("the KV cache cannot hold one session's budget: every session will be refused")
 
     def sampling_params(self, max_tokens: int):
         params = self._sampling_cache.get(max_tokens)
@@ -233,7 +299,10 @@ class Runtime:
             "dtype": self.dtype,
             "dtype_bits": DTYPE_BITS.get(self.dtype or "", 0),  # numeric, so /metrics shows it (0: "auto")
             "sessions": len(sessions),
-            "kv_tokens": sum(s.session_tokens for s in sessions),
+            "kv_tokens": sum(s.session_tokens for s in sessions),  # in use: the live requests' tokens
+            "kv_tokens_reserved": self.kv_tokens_reserved,
+            "kv_capacity_tokens": self.kv_capacity.tokens if self.kv_capacity is not None else None,
+            "admission": self.settings.admission,
             "rollovers": sum(s.rollovers for s in sessions),
             "frames_received": sum(s.frames_received for s in sessions),
             "frames_ingested": sum(s.frames_ingested for s in sessions),

@@ -19,6 +19,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
 
+from runtime.errors import SessionLimitReached
 from runtime.wire import Schedule
 from streams import ChangeFilterSettings, WebRTCPeer
 
@@ -161,12 +162,16 @@ class RealtimeServer:
 
     # -- sessions -----------------------------------------------------------------------------------
 
-    def open_connection(self, sink: EventSink) -> RealtimeConnection | None:
-        """A new session on ``sink``, or None when the server is full. Synchronous: no race between the
-        check and the registration."""
+    def open_connection(self, sink: EventSink) -> RealtimeConnection:
+        """A new session on ``sink``. Synchronous: no race between the checks and the registration.
+
+        Raises `SessionLimitReached` (its message is the reason the client gets) when the server is
+        at ``max_sessions`` or the runtime refuses (its KV cache cannot hold another session's budget),
+        and `EngineUnavailable` while the engine loads.
+        """
         if len(self.connections) >= self.config.max_sessions:
-            return None
-        session = self.runtime.open_session()  # raises EngineUnavailable while loading
+            raise SessionLimitReached(f"the server is at its limit of {self.config.max_sessions} sessions")
+        session = self.runtime.open_session()
         positions = self.positions
         assert positions is not None, "a started runtime serves a resolved scheme"
         conn = RealtimeConnection(
@@ -313,9 +318,11 @@ def create_app(runtime: ServedRuntime, config: ServerConfig | None = None) -> we
             )
             await sink.close(WSCloseCode.TRY_AGAIN_LATER, "engine unavailable")
             return ws
-        conn = server.open_connection(sink)
-        if conn is None:
-            sink.send(session_limit_reached(f"the server is at its limit of {config.max_sessions} sessions"))
+        try:
+            conn = server.open_connection(sink)
+        except SessionLimitReached as exc:
+            server.metrics.errors.labels(code="session_limit_reached").inc()
+            sink.send(session_limit_reached(str(exc)))
             await sink.close(WSCloseCode.TRY_AGAIN_LATER, "session limit reached")
             return ws
         try:
@@ -353,15 +360,12 @@ def create_app(runtime: ServedRuntime, config: ServerConfig | None = None) -> we
         if attached is not None and attached.closed:
             await peer.close("session closed")
             return _error(404, "session_not_found", f"session {session_id!r} has ended")
-        conn = attached or server.open_connection(ChannelSink(peer.events))
-        if conn is None:
+        try:
+            conn = attached or server.open_connection(ChannelSink(peer.events))
+        except SessionLimitReached as exc:
             await peer.close("session limit")
-            return _error(
-                429,
-                "session_limit_reached",
-                f"the server is at its limit of {config.max_sessions} sessions",
-                kind="server_error",
-            )
+            server.metrics.errors.labels(code="session_limit_reached").inc()
+            return _error(429, "session_limit_reached", str(exc), kind="server_error")
         if attached is None:
             conn.start()
         call = Call(

@@ -70,7 +70,13 @@ class ServedSession(Protocol):
 
 
 class ServedRuntime(Protocol):
-    """The engine behind one server: started in the background, sessions opened on it."""
+    """The engine behind one server: started in the background, sessions opened on it.
+
+    `open_session` raises `runtime.errors.EngineUnavailable` until started and
+    `runtime.errors.SessionLimitReached` (its message says why, with the numbers) when the engine
+    cannot hold another session; `stats` reports ``kv_tokens`` (in use), ``kv_tokens_reserved`` and
+    ``kv_capacity_tokens`` (None until known) for ``/metrics``.
+    """
 
     @property
     def ready(self) -> bool: ...

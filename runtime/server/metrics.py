@@ -27,9 +27,22 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPS_BUCKETS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
+# runtime.stats() keys exported under their own names: stats key -> (metric, help, always shown)
+_KV_FAMILIES: dict[str, tuple[str, str, bool]] = {
+    "kv_tokens": ("speakwatch_kv_tokens", "KV tokens in use: the tokens of every live session request", True),
+    "kv_tokens_reserved": (
+        "speakwatch_kv_tokens_reserved",
+        "KV tokens reserved by the open sessions (each its whole budget, in blocks)",
+        True,
+    ),
+    # absent, not 0, while the engine has reported none
+    "kv_capacity_tokens": ("speakwatch_kv_capacity_tokens", "KV tokens the engine's cache holds", False),
+}
+
+
 class _EngineCollector(Collector):
-    """Numbers from ``runtime.stats()`` when scraped: ``speakwatch_kv_tokens`` plus every numeric key
-    as ``speakwatch_engine_<key>`` (the engine decides what it reports; nothing is cached here)."""
+    """Numbers from ``runtime.stats()`` when scraped: the KV families of `_KV_FAMILIES` plus every other
+    numeric key as ``speakwatch_engine_<key>`` (the engine decides what it reports; nothing is cached)."""
 
     def __init__(self, stats: Callable[[], Mapping[str, object]], ready: Callable[[], bool]) -> None:
         self._stats = stats
@@ -45,12 +58,16 @@ class _EngineCollector(Collector):
                 stats = self._stats() or {}
             except Exception:  # a scrape must never fail because the engine is in a bad state
                 logger.exception("runtime.stats() failed")
-        kv = GaugeMetricFamily("speakwatch_kv_tokens", "tokens held in the KV cache by all sessions")
-        kv.add_metric([], float(_number(stats.get("kv_tokens")) or 0.0))
-        yield kv
+        for key, (name, help_text, always) in _KV_FAMILIES.items():
+            number = _number(stats.get(key))
+            if number is None and not always:
+                continue
+            family = GaugeMetricFamily(name, help_text)
+            family.add_metric([], number or 0.0)
+            yield family
         for key, value in sorted(stats.items()):
             number = _number(value)
-            if number is None or key == "kv_tokens" or not key.isidentifier():
+            if number is None or key in _KV_FAMILIES or not key.isidentifier():
                 continue
             family = GaugeMetricFamily(f"speakwatch_engine_{key}", f"runtime.stats()[{key!r}]")
             family.add_metric([], number)

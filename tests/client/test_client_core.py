@@ -246,6 +246,17 @@ def test_cancel_not_active_releases_the_answer():
     assert answer.stage == "released"
 
 
+def test_cancel_not_active_after_the_answer_was_released_is_nobodys_error():
+    """The cancel crossed response.done on the wire: the late refusal must not reach on_error."""
+    core = make()
+    answer = created_answer(core)
+    core.cancel(answer)
+    feed(core, done())
+    assert answer.stage == "released"
+    assert feed(core, error("response_cancel_not_active", "c3")) == [] and core.last_error is None
+    assert feed(core, error("response_cancel_not_active", "someone-else")) != []
+
+
 def test_other_errors_for_a_cancel_are_ignored():
     core = make()
     answer = created_answer(core)

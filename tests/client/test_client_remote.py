@@ -11,7 +11,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from client_server import ServerThread
+from client_server import ServerThread, fake_runtime
 
 import client
 from client import (
@@ -209,6 +209,25 @@ async def test_auth_limits_and_server_going_away(server: Any) -> None:
     with pytest.raises(RealtimeError) as error:
         await client.connect(private.url, open_timeout=2)
     assert error.value.code == "connection_failed"
+
+
+async def test_connect_past_the_kv_capacity_raises_with_the_reason() -> None:
+    # one 1024-token budget (1040 reserved, in blocks of 16) fits a 1100-token cache, two do not
+    full = ServerThread(runtime=fake_runtime.FakeRuntime(kv_capacity_tokens=1100, budget_tokens=1024))
+    await asyncio.to_thread(full.start)
+    try:
+        async with client.connect(full.url) as session:
+            with pytest.raises(RealtimeError) as error:
+                await client.connect(full.url)
+            assert error.value.code == "session_limit_reached"
+            assert "capacity 1088 tokens, 1040 reserved by 1 open session" in str(error.value)
+            answer = session.ask("still there?")
+            assert "".join([delta async for delta in answer]).strip().endswith("still there?")
+        await eventually(lambda: not full.runtime.open_sessions)  # closed on the server too
+        async with client.connect(full.url) as again:  # the closed session gave its reservation back
+            assert again.id.startswith("sess_")
+    finally:
+        await asyncio.to_thread(full.stop)
 
 
 def test_sync_session(server_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,9 @@ No model: a session records what it is given (frames, questions, updates) and an
 deterministic text built from it, one word per delta, ``token_delay`` seconds apart, so tests can
 check that frames and images reached the session. A question containing "forever" gets an endless
 answer (for cancel tests). ``start()`` waits for ``gate`` when the runtime is built with
-``hold=True``, so tests can watch ``/health`` answer 503 during a "load".
+``hold=True``, so tests can watch ``/health`` answer 503 during a "load". With ``kv_capacity_tokens``
+it admits sessions by KV as ``Runtime`` does (the same `runtime.admission` arithmetic: every open
+session reserves ``budget_tokens`` in blocks of ``block_size``) and raises `SessionLimitReached`.
 
 Like ``Runtime``, ``positions`` and ``settings.turn_tokens`` default to None and are resolved by
 ``start()`` from the "checkpoint" (``trained_positions`` / ``trained_turn_tokens``, those of the
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.errors import EngineUnavailable, ResponseActive
+from runtime import admission
+from runtime.admission import KVCapacity
+from runtime.errors import EngineUnavailable, ResponseActive, SessionLimitReached
 from runtime.runtime import RuntimeSettings
 from runtime.wire import ResponseStatus, Schedule, SessionStats
 from streams.change import ChangeFilterSettings
@@ -194,6 +198,9 @@ class FakeRuntime:
         token_delay: float = 0.005,
         hold: bool = False,
         fail_start: bool = False,
+        kv_capacity_tokens: int | None = None,
+        budget_tokens: int = 1024,
+        block_size: int = 16,
         **options: Any,
     ) -> None:
         self.model_name = model or "fake-vlm"
@@ -213,6 +220,10 @@ class FakeRuntime:
         self.started = False
         self.closed = False
         self.sessions: list[FakeSession] = []
+        self.budget_tokens = budget_tokens
+        self.kv_capacity: KVCapacity | None = None
+        if kv_capacity_tokens is not None:
+            self.kv_capacity = KVCapacity(kv_capacity_tokens // block_size, block_size)
 
     async def start(self) -> None:
         self.started = True
@@ -247,6 +258,12 @@ class FakeRuntime:
     ) -> FakeSession:
         if not self.ready:
             raise EngineUnavailable("not started")
+        if self.kv_capacity is not None and self.settings.admission == "kv":
+            decision = admission.decide(
+                self.kv_capacity, self._reserved_blocks, len(self.open_sessions), self.budget_tokens
+            )
+            if not decision.admitted:
+                raise SessionLimitReached(decision.reason)
         session = FakeSession(
             self, instructions, schedule or self.schedule, max_fps=max_fps, change_filter=change_filter
         )
@@ -261,10 +278,20 @@ class FakeRuntime:
     def open_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions if not s.closed]
 
+    @property
+    def _reserved_blocks(self) -> int:
+        if self.kv_capacity is None:
+            return 0
+        per_session = admission.session_blocks(self.budget_tokens, self.kv_capacity.block_size)
+        return len(self.open_sessions) * per_session
+
     def stats(self) -> dict[str, object]:
+        capacity = self.kv_capacity
         return {
             "sessions": len(self.open_sessions),
             "kv_tokens": sum(64 * len(s.frames) for s in self.open_sessions),
+            "kv_tokens_reserved": self._reserved_blocks * (capacity.block_size if capacity else 0),
+            "kv_capacity_tokens": capacity.tokens if capacity is not None else None,
             "rollovers": 0,
         }
 

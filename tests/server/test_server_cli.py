@@ -73,6 +73,14 @@ def test_runtime_and_server_options() -> None:
     assert (config.max_sessions, config.max_fps, config.default_fps, config.api_key) == (4, 5.0, 5.0, None)
 
 
+def test_admission_option_reaches_the_runtime(monkeypatch) -> None:
+    assert cli.runtime_kwargs(parse("serve"))["admission"] == "kv"
+    assert cli.runtime_kwargs(parse("serve", "--admission", "off"))["admission"] == "off"
+    monkeypatch.setenv("SPEAKWATCH_ADMISSION", "off")
+    assert cli.runtime_kwargs(parse("serve"))["admission"] == "off"
+    runtime.Runtime(**cli.runtime_kwargs(parse("serve"))).executor.shutdown()  # a RuntimeSettings field
+
+
 def test_change_filter_options_reach_the_server_and_the_runtime(monkeypatch) -> None:
     from streams.change import ChangeFilterSettings
 

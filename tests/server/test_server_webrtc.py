@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from fake_runtime import eventually
+from fake_runtime import FakeRuntime, eventually
 
 from runtime.server.app import ServerConfig
 from streams import EVENTS_LABEL, EventChannel, SourceTrack, synthetic_track
@@ -166,3 +166,25 @@ async def test_shutdown_hangs_up_every_call(serve) -> None:
     assert served.server.metrics.sessions._value.get() == 0
     await attached.close()
     await standalone.close()
+
+
+async def test_a_standalone_call_past_the_kv_capacity_is_refused(serve) -> None:
+    served = await serve(runtime=FakeRuntime(kv_capacity_tokens=1100, budget_tokens=1024))
+    client = await served.connect()  # takes the only session the cache holds
+    assert (await client.recv())["type"] == "session.created"
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    track = synthetic_track(15.0, (96, 64))
+    pc.addTrack(track)
+    pc.createDataChannel(EVENTS_LABEL)
+    await pc.setLocalDescription(await pc.createOffer())
+    headers = {"Content-Type": "application/sdp"}
+    async with served.http.post(
+        served.url + "/v1/realtime/calls", data=pc.localDescription.sdp, headers=headers
+    ) as reply:
+        assert reply.status == 429
+        error = (await reply.json())["error"]
+    await pc.close()
+    await track.aclose()
+    assert error["code"] == "session_limit_reached" and error["type"] == "server_error"
+    assert "capacity 1088 tokens, 1040 reserved by 1 open session," in error["message"]
+    assert not served.server.calls and len(served.runtime.sessions) == 1

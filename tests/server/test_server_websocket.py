@@ -281,6 +281,48 @@ async def test_session_limit_then_room_again(serve) -> None:
     assert (await third.recv())["type"] == "session.created"
 
 
+async def test_kv_admission_refuses_with_the_numbers_and_metrics_show_them(serve) -> None:
+    # 2 sessions of 1024 budget tokens fit a 2500-token cache (each reserves 65 blocks of 16)
+    served = await serve(runtime=FakeRuntime(kv_capacity_tokens=2500, budget_tokens=1024))
+    first, second = await served.connect(), await served.connect()
+    assert (await first.recv())["type"] == (await second.recv())["type"] == "session.created"
+    third = await served.connect()
+    event = await third.recv()
+    assert event["type"] == "error" and event["error"]["code"] == "session_limit_reached"
+    assert event["error"]["type"] == "server_error"
+    message = event["error"]["message"]
+    assert "capacity 2496 tokens, 2080 reserved by 2 open sessions, a new session asks 1040" in message
+    closing = await third.ws.receive(5)
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert len(served.runtime.sessions) == 2 and len(served.server.connections) == 2
+    async with served.http.get(served.url + "/metrics") as reply:
+        metrics = await reply.text()
+    for line in (
+        "speakwatch_sessions 2.0",
+        "speakwatch_engine_sessions 2.0",
+        "speakwatch_kv_tokens 0.0",
+        "speakwatch_kv_tokens_reserved 2080.0",
+        "speakwatch_kv_capacity_tokens 2496.0",
+        'speakwatch_client_errors_total{code="session_limit_reached"} 1.0',
+    ):
+        assert line in metrics, line
+    # the admitted ones still answer, and a closed session gives its reservation back
+    answer, _ = await first.ask("still there?")
+    assert answer.strip().endswith("still there?")
+    await second.close()
+    await eventually(lambda: len(served.server.connections) == 1)
+    fourth = await served.connect()
+    assert (await fourth.recv())["type"] == "session.created"
+    assert served.runtime.stats()["kv_tokens_reserved"] == 2080
+
+
+async def test_capacity_is_absent_from_metrics_until_known(serve) -> None:
+    served = await serve()
+    async with served.http.get(served.url + "/metrics") as reply:
+        metrics = await reply.text()
+    assert "speakwatch_kv_tokens_reserved 0.0" in metrics and "speakwatch_kv_capacity_tokens" not in metrics
+
+
 async def test_disconnect_mid_answer_cancels_and_closes(serve) -> None:
     served = await serve()
     client = await served.connect()
