@@ -59,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.progress import log  # noqa: E402
+from benchmarks.progress import log, take_lock  # noqa: E402
 from runtime import errors  # noqa: E402
 from runtime.training import scenes  # noqa: E402
 
@@ -540,23 +540,6 @@ def per_session_row(s: SessionResult, seconds: float) -> str:
 
 
 # -- main -------------------------------------------------------------------------------------------
-
-
-def take_lock(path: str) -> Any:
-    """Hold ``flock`` on ``path`` for the run, so engine-heavy jobs on a shared machine take turns."""
-    if not path:
-        return None
-    import fcntl
-
-    handle = open(path, "a")  # held until the process exits
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"waiting for the engine lock {path} (another engine-heavy job is running) ...")
-        started = time.monotonic()
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        log(f"got the engine lock after {time.monotonic() - started:.0f} s")
-    return handle
 
 
 async def main(args: argparse.Namespace) -> int:

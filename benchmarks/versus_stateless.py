@@ -51,7 +51,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from progress import log, take_lock  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from client import remote  # noqa: E402
 from streams import pattern  # noqa: E402
@@ -740,24 +740,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w, h = (int(x) for x in args.size.lower().split("x"))
     args.width, args.height = w, h
     return args
-
-
-def take_lock(path: str) -> Any:
-    """Hold ``flock`` on ``path`` for the whole run (both servers), like ``flock PATH <this command>``:
-    engine-heavy jobs on a shared machine take turns, and nothing else heavy runs between our two phases."""
-    if not path:
-        return None
-    import fcntl
-
-    handle = open(path, "a")  # held until the process exits
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"waiting for the engine lock {path} (another engine-heavy job is running) ...")
-        started = time.monotonic()
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        log(f"got the engine lock after {time.monotonic() - started:.0f} s")
-    return handle
 
 
 async def amain(args: argparse.Namespace) -> int:
