@@ -59,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.progress import log, take_lock  # noqa: E402
+from benchmarks.progress import CpuClock, log, take_lock  # noqa: E402
 from runtime import errors  # noqa: E402
 from runtime.training import scenes  # noqa: E402
 
@@ -87,27 +87,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def fmt(value: float | None, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
-
-
-class CpuClock:
-    """CPU seconds of this process (encoder, event loop, vLLM front end) and of its child processes
-    (the engine core and any worker)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.me = psutil.Process()
-
-    def sample(self) -> tuple[float, float]:
-        own = self.me.cpu_times()
-        children = 0.0
-        for child in self.me.children(recursive=True):
-            try:
-                times = child.cpu_times()
-            except Exception:  # a helper process that just exited
-                continue
-            children += times.user + times.system
-        return own.user + own.system, children
 
 
 class Clips:

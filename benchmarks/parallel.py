@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from progress import log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from progress import CpuClock, log  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -126,26 +126,6 @@ class Frames:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.pool[index % len(self.pool)]
-
-
-class CpuClock:
-    """CPU seconds of this process (encoder, event loop, vLLM front end) and of the engine processes."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.me = psutil.Process()
-
-    def sample(self) -> tuple[float, float]:
-        own = self.me.cpu_times()
-        engine = 0.0
-        for child in self.me.children(recursive=True):
-            try:
-                times = child.cpu_times()
-            except Exception:  # a helper process that just exited
-                continue
-            engine += times.user + times.system
-        return own.user + own.system, engine
 
 
 async def wait_for(predicate, timeout: float, what: str) -> None:
