@@ -322,9 +322,9 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         if waiting.done():
             if server.ready:
                 _say(f"ready in {time.monotonic() - started:.1f} s: open {url}/")
-                dtype = getattr(runtime, "dtype", None)  # test doubles may not report one
-                if dtype:
-                    _say(f"engine dtype {dtype} ({'asked for' if args.dtype else 'chosen for this machine'})")
+                if runtime.dtype:
+                    chosen = "asked for" if args.dtype else "chosen for this machine"
+                    _say(f"engine dtype {runtime.dtype} ({chosen})")
                 _say(
                     f"realtime API: ws://{url.removeprefix('http://')}/v1/realtime; metrics at {url}/metrics"
                 )

@@ -93,6 +93,9 @@ class ServedRuntime(Protocol):
     @property
     def max_output_tokens(self) -> int: ...
 
+    @property
+    def dtype(self) -> str | None: ...  # None until started: chosen for the machine unless asked for
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...

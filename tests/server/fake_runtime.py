@@ -275,6 +275,10 @@ class FakeRuntime:
         return self.settings.max_output_tokens
 
     @property
+    def dtype(self) -> str | None:
+        return None  # no engine: nothing to serve in
+
+    @property
     def open_sessions(self) -> list[FakeSession]:
         return [s for s in self.sessions if not s.closed]
 
