@@ -1,6 +1,8 @@
 """Can the built-in checkpoint's vision tower learn what the answers need? A direct probe.
 
-The built-in watching model names colours but not shapes (docs/benchmarks.md). This script asks
+Trained through the answer loss alone, the built-in model named colours but not shapes
+(docs/benchmarks.md); the finding here is why the built-in recipe now has a stage one
+(`runtime.training.vision`), whose trainer this probe uses. This script asks
 whether the vision tower alone can learn the label when supervised directly, without the language
 model in between: a fresh Qwen2-VL vision tower (the ``watch`` size of `runtime.tiny_model`, or a
 variant), the runtime's own patching (`FrameGeometry`), an attention-pooled linear head, AdamW,
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.perception import FrameGeometry
 from runtime.tiny_model import make_tiny_model
 from runtime.training import scenes
+from runtime.training.vision import TowerTrainer
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -68,6 +71,7 @@ def frames(n: int, seed: int) -> list[tuple[np.ndarray, scenes.SceneObject]]:
 
 
 def train_tower(variant: Variant, train, test, label: str, steps: int, batch: int, base: Path) -> list[dict]:
+    """The built-in recipe's stage one (`runtime.training.vision.TowerTrainer`) on a variant's tower."""
     from transformers import AutoConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -77,34 +81,18 @@ def train_tower(variant: Variant, train, test, label: str, steps: int, batch: in
     geometry = FrameGeometry(
         variant.patch, 2, 2, MEAN, STD, min(56 * 56, variant.max_pixels), variant.max_pixels
     )
-
-    def patched(items):
-        out = []
-        for rgb, obj in items:
-            patches, grid = geometry.patchify([rgb])
-            out.append((torch.from_numpy(patches), torch.tensor(grid), label_of(obj, label)))
-        return out
-
-    train_p, test_p = patched(train), patched(test)
     torch.manual_seed(0)
     tower = Qwen2VisionTransformerPretrainedModel(config).float()
-    query = torch.nn.Parameter(torch.randn(config.hidden_size) * 0.02)
-    head = torch.nn.Linear(config.hidden_size, len(scenes.SHAPES) if label == "shape" else len(scenes.COLORS))
-    optimizer = torch.optim.AdamW(
-        [*tower.parameters(), query, *head.parameters()], lr=variant.lr, weight_decay=0.0
-    )
+    trainer = TowerTrainer(tower, geometry, 2, config.hidden_size)
+    optimizer = torch.optim.AdamW(trainer.parameters(), lr=variant.lr, weight_decay=0.0)
 
     def logits(items) -> torch.Tensor:
-        patches = torch.cat([p for p, _, _ in items])
-        grids = torch.stack([g for _, g, _ in items])
-        merged = tower(patches, grid_thw=grids).pooler_output
-        pooled = []
-        for tokens in torch.split(merged, (grids.prod(-1) // 4).tolist()):
-            weights = torch.softmax(tokens @ query / config.hidden_size**0.5, 0)
-            pooled.append((weights[:, None] * tokens).sum(0))
-        return head(torch.stack(pooled))
+        return trainer.logits([rgb for rgb, _, _ in items])[label]
 
-    return _fit(logits, optimizer, train_p, test_p, steps, batch, variant)
+    def labelled(items):
+        return [(rgb, None, label_of(obj, label)) for rgb, obj in items]
+
+    return _fit(logits, optimizer, labelled(train), labelled(test), steps, batch, variant)
 
 
 def train_cnn(train, test, label: str, steps: int, batch: int) -> list[dict]:

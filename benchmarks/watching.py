@@ -1,8 +1,10 @@
 """Does the model watch? Accuracy and reaction time per position scheme, served by real vLLM.
 
-For each of the four schemes, one checkpoint is fine-tuned with the built-in recipe (same base
-checkpoint, data, seed and steps; only ``positions`` differs), then served (one engine per scheme,
-float32) and measured under both schedules:
+For each of the four schemes, one checkpoint is trained with the built-in recipe (same base
+checkpoint, data, seed and steps; only ``positions`` differs): stage one (the vision tower on
+labelled frames, which does not depend on the scheme) once, shared, then stage two (the streaming
+fine-tune) per scheme. Each is then served (one engine per scheme, float32) and measured under both
+schedules:
 
 - accuracy on held-out scenes (fresh seeds, random frame sizes): colour, shape, colour+shape;
 - reaction: a commentary is running on one object; a different object (new colour and shape)
@@ -74,7 +76,8 @@ async def accuracy(rt, schedule: str, n: int) -> tuple[float, float, float]:
         async with rt.open_session(schedule=schedule) as session:
             for i, frame in enumerate(frames):
                 await session.push_frame(frame, timestamp=i * 0.5)
-            while session.stats().frames_ingested < len(frames):
+            # settled: each frame in KV or dropped by the change filter as showing nothing new
+            while (stats := session.stats()).frames_received < len(frames) or stats.frames_pending:
                 await asyncio.sleep(0.01)
             color = scenes.mentions(await session.ask(scenes.QUESTIONS[0], max_tokens=4).read())
             shape = scenes.mentions(await session.ask(scenes.QUESTIONS[1], max_tokens=4).read())
@@ -203,20 +206,25 @@ def table(points: list[Point], k: int) -> str:
 
 
 async def run(args: argparse.Namespace) -> list[Point]:
-    from runtime.training.builtin import RECIPE, train_builtin, watching_model
+    from runtime.training.builtin import RECIPE, train_builtin, train_stage_one, watching_model
 
     if args.builtin:
         return await measure(watching_model(), str(RECIPE["positions"]), args.scenes, args.trials)
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="speakwatch-watching-") as tmp:
         root = args.models or Path(tmp)
+        stage_one = args.stage_one or root / "stage-one" / "seeing"
+        if not (stage_one / "config.json").exists():
+            log("stage one (the vision tower on labelled frames), shared by every scheme")
+            train_stage_one(stage_one.parent, out=sys.stderr, threads=args.threads)
         for scheme in args.schemes:
             out = root / scheme
             if not (out / "config.json").exists():
-                log(f"{scheme}: fine-tuning the built-in recipe for {args.steps} steps")
+                log(f"{scheme}: stage two of the built-in recipe for {args.steps} steps")
                 started = time.monotonic()
                 train_builtin(
                     out,
+                    stage_one=stage_one,
                     positions=scheme,
                     max_steps=args.steps,
                     out=sys.stderr,
@@ -246,6 +254,9 @@ def main() -> None:
         "--models", type=Path, help="keep the per-scheme checkpoints here (reused if present)"
     )
     parser.add_argument("--train-only", action="store_true", help="train the checkpoints, measure nothing")
+    parser.add_argument(
+        "--stage-one", type=Path, help="a stage-one checkpoint to start every scheme from (else trained)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads for training")
     args = parser.parse_args()
     if args.quick:

@@ -7,6 +7,13 @@ events to send (`Send`), answer text for a caller (`Delta`), an answer's end for
 (`Reply`), an error nobody waits for (`Unclaimed`), and every server event itself, typed (for
 subscribers). No sockets, tasks or clocks: times come in as arguments, so every rule is testable.
 
+**Reconnects.** The core remembers the session's resume token (``session.created``, then each
+``session.resumed``) and the id of the last server event it took in (``last_event_id``). After an
+unexpected disconnect the glue calls `disconnected`, reconnects with `resume_params` while
+`should_reconnect` says so (`ReconnectPolicy` paces the tries), and feeds the new socket's events in as
+usual: ``session.resumed``, then the events missed, which the server replays exactly once and in
+order, so answers in flight continue where they stopped. Only when no resume works does it `close`.
+
 An answer (`Answer`) is tracked by the one id the server gives it in ``response.created``. Before
 that it is found by the ids of the two client events that asked for it. Its ``stage`` follows this
 table (events in from the server, or calls from the caller); ``status`` is what its caller sees:
@@ -72,9 +79,11 @@ from runtime.wire import (
     ResponseDone,
     ResponseParams,
     ResponseStatus,
+    ResumeInfo,
     ServerEvent,
     SessionCreated,
     SessionObject,
+    SessionResumed,
     SessionStats,
     SessionUpdate,
     SessionUpdated,
@@ -94,6 +103,7 @@ __all__ = [
     "Delta",
     "Output",
     "RealtimeError",
+    "ReconnectPolicy",
     "Reply",
     "Send",
     "Unclaimed",
@@ -228,6 +238,40 @@ def default_event_id() -> str:
     return f"event_{uuid.uuid4().hex[:24]}"
 
 
+FINAL_CLOSE_CODES = frozenset({1000, 1001, 4000})
+"""Server close codes after which a resume cannot work: a normal close, a shutdown (1001), another
+connection resuming the session (4000). Anything else (no close frame, 1006, 1008 for a full send
+buffer, 1011, ...) is worth a resume."""
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How the remote SDK reconnects after an unexpected disconnect: up to ``attempts`` tries, the first
+    after ``initial_delay`` seconds, each wait doubling up to ``max_delay``; never past the session's
+    grace period (the server's ``resume.grace_s``)."""
+
+    attempts: int = 8
+    initial_delay: float = 0.1
+    max_delay: float = 2.0
+    open_timeout: float = 5.0  # per try: the socket and its first event (session.resumed)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_delay < 0 or self.max_delay < self.initial_delay:
+            raise ValueError("attempts must be >= 1 and 0 <= initial_delay <= max_delay")
+
+    def delays(self, grace_s: float | None = None) -> list[float]:
+        """The wait before each try; cut where the total would pass ``grace_s``."""
+        out: list[float] = []
+        delay, total = self.initial_delay, 0.0
+        for _ in range(self.attempts):
+            if grace_s is not None and out and total + delay > grace_s:
+                break
+            out.append(delay)
+            total += delay
+            delay = min(self.max_delay, max(delay * 2, 0.01))
+        return out
+
+
 class ClientProtocol:
     """One remote session's client state: the session, the answers, the requests waiting for a reply."""
 
@@ -239,6 +283,12 @@ class ClientProtocol:
         self.closed = False
         self.close_reason: str | None = None
         self.frames_sent = 0
+        self.resume: ResumeInfo | None = None  # the token that resumes this session, and its grace
+        self.last_event_id: str | None = None  # the last server event taken in (what a resume names)
+        self.online = False  # a socket carries the session (False while reconnecting)
+        self.reconnects = 0  # resumes that worked
+        # client events sent, (event_id, text or None for a frame): what a resume may have to resend
+        self._sent: deque[tuple[str, str | None]] = deque(maxlen=256)
         self.latest: Answer | None = None  # the latest ask
         self._held: Answer | None = None  # the answer whose events the server has and not yet ended
         self._queued: Answer | None = None  # sent once the held one is released
@@ -322,6 +372,44 @@ class ClientProtocol:
             timestamp_ms=None if timestamp is None else timestamp * 1000.0,
         )
 
+    def disconnected(self) -> None:
+        """The socket is gone, not (yet) the session: answers and requests stay as they are until a
+        resume brings the missed events, or `close` ends them."""
+        self.online = False
+
+    def should_reconnect(self, close_code: int | None) -> bool:
+        """Whether a socket that closed with ``close_code`` (None: no close frame) is worth a resume."""
+        return not self.closed and self.resume is not None and close_code not in FINAL_CLOSE_CODES
+
+    def resume_params(self) -> dict[str, str]:
+        """The query parameters of the reconnect: the token, and the last event this client has."""
+        if self.resume is None:
+            raise RealtimeError("connection_closed", "the server gave this session no resume token")
+        params = {"resume": self.resume.token}
+        if self.last_event_id is not None:
+            params["last_event_id"] = self.last_event_id
+        return params
+
+    def sent(self, event_id: str | None, text: str | None) -> None:
+        """A client event went out on the socket; ``text`` None: not worth sending again (a frame)."""
+        if event_id is not None:
+            self._sent.append((event_id, text))
+
+    def resend_after(self, last_client_event_id: str | None) -> list[str] | None:
+        """What to send again on a resumed socket: the events sent after the last one the server got
+        (``session.resumed``'s ``last_client_event_id``; None: it got none), frames left out. None when
+        that event is no longer among those remembered (then nothing can be told, nothing is resent)."""
+        ids = [event_id for event_id, _ in self._sent]
+        if last_client_event_id is None:
+            start = 0
+        elif last_client_event_id in ids:
+            start = len(ids) - ids[::-1].index(last_client_event_id)
+        else:
+            return None
+        for _ in range(start):  # the server has these: forget them
+            self._sent.popleft()
+        return [text for _, text in self._sent if text is not None]
+
     def check_open(self) -> None:
         """Raise ``connection_closed`` once the connection is gone (for events sent as they are)."""
         self._check_open()
@@ -354,11 +442,19 @@ class ClientProtocol:
         if not isinstance(payload, dict):
             return []
         event = decode_server_event(payload)
+        if event.event_id and not isinstance(event, SessionResumed):  # that one is not replayable
+            self.last_event_id = event.event_id
         return [*self._handle(event, now), event]
 
     def _handle(self, event: ServerEvent, now: float) -> list[Output]:
         if isinstance(event, SessionCreated):
             self.session = event.session
+            self.resume = event.session.resume
+            self.online = True
+        elif isinstance(event, SessionResumed):
+            self.session = event.session
+            self.resume = event.session.resume or self.resume
+            self.reconnects += 1  # (``online`` again is the glue's call: once what waited has gone out)
         elif isinstance(event, SessionUpdated):
             self.session = event.session
             if self._requests:

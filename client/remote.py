@@ -11,7 +11,20 @@
 The protocol's rules live in the sans-I/O core (`client.core.ClientProtocol`) and its events in
 `runtime.wire`; this module is the I/O around them: one reader task feeds server messages to the
 core, and the core's outputs become WebSocket sends, answer deltas, resolved futures and events for
-``events()`` subscribers. :class:`SyncSession` (``connect_sync``) runs the same session on a loop in
+``events()`` subscribers.
+
+**Reconnects by itself.** When the socket drops unexpectedly (no close frame, or a close code other
+than 1000, 1001 and 4000), the reader reconnects with the session's resume token and the id of the last
+event it got (`ReconnectPolicy`: bounded tries with back-off, within the server's grace period). The
+server replays what was missed, exactly once and in order, so an answer being iterated just goes on.
+Meanwhile ``push_frame`` drops frames (counted in ``frames_dropped``: stale video is worth nothing)
+and other events wait in a bounded outbox, sent first once the session is back. If the resume fails,
+the session closes as before: waiting answers and requests raise ``connection_closed``. Events written
+to the old socket that never reached the server are sent again: ``session.resumed`` names the last
+client event the server received (``last_client_event_id``), and the SDK remembers the last 256 it
+sent by ``event_id`` (frames are not sent again).
+
+:class:`SyncSession` (``connect_sync``) runs the same session on a loop in
 a background thread.
 """
 
@@ -29,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
@@ -39,12 +52,15 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from runtime.wire import (
     ClientEvent,
+    ErrorEvent,
     InputVideoStats,
     JSONObject,
     ResponseStatus,
     ServerEvent,
     SessionCreated,
+    SessionResumed,
     SessionStats,
+    decode_server_event,
     image_data_url,
 )
 
@@ -56,6 +72,7 @@ from .core import (
     Delta,
     Output,
     RealtimeError,
+    ReconnectPolicy,
     Reply,
     Send,
     Unclaimed,
@@ -65,6 +82,7 @@ from .core import (
 __all__ = [
     "EventStream",
     "RealtimeError",
+    "ReconnectPolicy",
     "RemoteResponse",
     "RemoteSession",
     "SyncResponse",
@@ -77,6 +95,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _END = object()  # end of a response's delta queue
+Opener = Callable[[Mapping[str, str]], Awaitable[ClientConnection]]  # query parameters -> a new socket
+MAX_OUTBOX = 256  # client events held while reconnecting
+DEFAULT_RECONNECT = ReconnectPolicy()
 
 
 def realtime_url(url: str) -> str:
@@ -268,7 +289,10 @@ class RemoteSession:
     """A realtime session on a server, with the same methods as the embedded ``Session``.
 
     Make one with :func:`connect`. ``id`` is the server's session id (``session.created``), the id a
-    WebRTC call attaches its video to (``POST /v1/realtime/calls?session_id=``).
+    WebRTC call attaches its video to (``POST /v1/realtime/calls?session_id=``). With an ``opener``
+    (what `connect` passes) and a ``reconnect`` policy, a lost socket is replaced by a resumed one
+    (see the module docstring); ``reconnects`` counts the resumes, ``frames_dropped`` the frames not
+    sent meanwhile.
     """
 
     def __init__(
@@ -277,10 +301,18 @@ class RemoteSession:
         *,
         jpeg_quality: int = 80,
         on_error: Callable[[RealtimeError], None] | None = None,
+        opener: Opener | None = None,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         self.jpeg_quality = jpeg_quality
         self.on_error = on_error
+        self.frames_dropped = 0
         self._ws = ws
+        self._opener = opener
+        self._policy = reconnect
+        self._closing = False  # close() was called: a lost socket is not replaced
+        self._outbox: deque[tuple[str | None, str]] = deque()  # (event_id, text) waiting for a socket
+        self._resume_failure: RealtimeError | None = None
         self._core = ClientProtocol()
         self._created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._responses: dict[Answer, RemoteResponse] = {}
@@ -302,7 +334,7 @@ class RemoteSession:
             raise ValueError(f"timestamp must be a non-negative number of seconds, got {timestamp}")
         self._core.check_open()
         url = await asyncio.to_thread(_jpeg_data_url, rgb, self.jpeg_quality)
-        await self._send(self._core.append_frame(url, timestamp))
+        await self._send(self._core.append_frame(url, timestamp), droppable=True)
 
     def ask(
         self,
@@ -342,10 +374,15 @@ class RemoteSession:
         return self._core.frames_sent
 
     async def close(self) -> None:
-        """Close the connection; the server aborts the session's generation and frees its memory."""
+        """Close the connection (1000: on purpose); the server aborts the session's generation and
+        frees its memory at once, without waiting for a resume."""
+        self._closing = True
+        reconnecting = not self._core.online and self._core.session is not None
         if not self._core.closed:
             await self._apply(self._core.close("closed by the client"))
             await self._ws.close()
+        if reconnecting:  # waiting between tries: no need to wait for the next one
+            self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
 
@@ -439,19 +476,110 @@ class RemoteSession:
     async def send_event(self, event: JSONObject) -> None:
         """Send any client event as is (for protocol features this SDK does not wrap)."""
         self._core.check_open()
-        await self._send_text(json.dumps(event, separators=(",", ":")))
+        event_id = event.get("event_id")
+        await self._send_text(
+            json.dumps(event, separators=(",", ":")), event_id=event_id if isinstance(event_id, str) else None
+        )
 
     # -- I/O ---------------------------------------------------------------------------------------
 
-    async def _send(self, event: ClientEvent) -> None:
-        await self._send_text(event.to_json())
+    @property
+    def reconnects(self) -> int:
+        """How many times the session was resumed on a new socket."""
+        return self._core.reconnects
 
-    async def _send_text(self, text: str) -> None:
+    async def _send(self, event: ClientEvent, *, droppable: bool = False) -> None:
+        await self._send_text(event.to_json(), droppable=droppable, event_id=event.event_id)
+
+    async def _send_text(self, text: str, *, droppable: bool = False, event_id: str | None = None) -> None:
+        """Send now; while reconnecting, drop it (``droppable``: a frame) or hold it in the outbox.
+        What went out is remembered by ``event_id``, to be sent again if a resume says it was lost."""
         self._core.check_open()
-        try:
-            await self._ws.send(text)
-        except ConnectionClosed as exc:
-            raise RealtimeError("connection_closed", f"the server closed the connection ({exc})") from None
+        if self._core.online:
+            try:
+                await self._ws.send(text)
+                self._core.sent(event_id, None if droppable else text)
+                return
+            except ConnectionClosed as exc:
+                if not self._resumable():
+                    raise RealtimeError(
+                        "connection_closed", f"the server closed the connection ({exc})"
+                    ) from None
+        if droppable:
+            self.frames_dropped += 1
+            return
+        if len(self._outbox) >= MAX_OUTBOX:
+            raise RealtimeError("connection_closed", f"reconnecting, and {MAX_OUTBOX} events already wait")
+        self._outbox.append((event_id, text))
+
+    def _resumable(self, ws: ClientConnection | None = None) -> bool:
+        """Whether a lost socket is to be replaced by a resumed one."""
+        if self._closing or self._opener is None or self._policy is None:
+            return False
+        code = (ws or self._ws).close_code
+        return self._core.should_reconnect(code)
+
+    async def _reconnect(self) -> bool:
+        """Resume the session on a new socket (bounded tries with back-off, within the grace period):
+        then the outbox goes out and the reader goes on; False when no resume worked (the reason is in
+        ``last_error``)."""
+        assert self._opener is not None and self._policy is not None
+        self._core.disconnected()
+        grace = self._core.resume.grace_s if self._core.resume is not None else None
+        for attempt, delay in enumerate(self._policy.delays(grace), 1):
+            await asyncio.sleep(delay)
+            if self._closing:
+                return False
+            ws: ClientConnection | None = None
+            try:
+                async with asyncio.timeout(self._policy.open_timeout):
+                    ws = await self._opener(self._core.resume_params())
+                    first = await ws.recv()
+            except (RealtimeError, ConnectionClosed, TimeoutError, OSError) as exc:
+                logger.info("resume attempt %d failed: %s", attempt, exc)
+                if ws is not None:
+                    await ws.close()
+                if isinstance(exc, RealtimeError) and exc.code == "invalid_api_key":
+                    self._resume_failure = exc  # the key will not be any better next time
+                    return False
+                continue
+            try:
+                payload = json.loads(first)
+            except ValueError:
+                payload = None
+            event = decode_server_event(payload) if isinstance(payload, dict) else None
+            if self._closing:  # close() came while this try was under way
+                await ws.close()
+                return False
+            if not isinstance(event, SessionResumed):
+                await ws.close()
+                if isinstance(event, ErrorEvent) and event.error.code != "engine_unavailable":
+                    # refused: the session is gone, or its replay is (an engine restart is worth a retry)
+                    self._resume_failure = self._core.last_error = RealtimeError.from_info(event.error)
+                    logger.warning("the session could not be resumed: %s", self._resume_failure)
+                    return False
+                continue
+            self._ws = ws
+            outputs = self._core.receive(first, time.monotonic())
+            resend = self._core.resend_after(event.last_client_event_id)
+            if resend is None:
+                logger.warning("cannot tell which client events the server missed; none is sent again")
+            try:  # offline until these have gone out: sends meanwhile queue behind them
+                for text in resend or ():  # sent before the loss, never received
+                    await ws.send(text)
+                while self._outbox:
+                    event_id, text = self._outbox[0]
+                    await ws.send(text)
+                    self._core.sent(event_id, text)
+                    self._outbox.popleft()
+            except ConnectionClosed:
+                continue  # lost again at once: what is left waits for the next try
+            self._core.online = True
+            await self._apply(outputs)
+            logger.info("session %s resumed after %d attempt(s)", self.id, attempt)
+            return True
+        self._resume_failure = RealtimeError("connection_failed", "every try to resume the session failed")
+        return False
 
     async def _submit(self, answer: Answer, parts: list[str | np.ndarray]) -> None:
         """Encode the ask's images off the loop, then hand it to the core (which sends or queues it)."""
@@ -466,13 +594,21 @@ class RemoteSession:
 
     async def _read(self) -> None:
         try:
-            async for message in self._ws:
-                await self._apply(self._core.receive(message, time.monotonic()))
-        except ConnectionClosed:
-            pass
+            while True:
+                ws = self._ws
+                try:
+                    async for message in ws:
+                        await self._apply(self._core.receive(message, time.monotonic()))
+                except ConnectionClosed:
+                    pass
+                if not self._resumable(ws) or not await self._reconnect():
+                    break
         finally:
             code, why = self._ws.close_code, self._ws.close_reason
             reason = f"code {code} {why or ''}".strip() if code is not None else "connection lost"
+            if self._resume_failure is not None:
+                reason = f"{reason}; not resumed: {self._resume_failure}"
+            self._outbox.clear()
             await self._apply(self._core.close(f"closed by the server ({reason})"))
             if not self._created.done():
                 error = RealtimeError(
@@ -544,18 +680,21 @@ class _Connector:
         if self.session is not None:
             await self.session.close()
 
-    async def _open(self) -> RemoteSession:
-        opts = dict(self.options)
-        timeout: float = opts.pop("open_timeout")
+    async def _socket(self, params: Mapping[str, str] | None = None) -> ClientConnection:
+        """A WebSocket to the server (``params``: extra query parameters, the resume token's)."""
+        opts = self.options
+        url = self.url
+        if params:
+            url += ("&" if urlsplit(url).query else "?") + urlencode(dict(params))
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         try:
-            ws = await ws_connect(
-                self.url,
+            return await ws_connect(
+                url,
                 additional_headers=headers,
-                open_timeout=timeout,
-                max_size=opts.pop("max_message_size"),
+                open_timeout=opts["open_timeout"],
+                max_size=opts["max_message_size"],
                 compression=None,  # JPEG frames do not compress; text events are small
-                ping_interval=opts.pop("ping_interval"),
+                ping_interval=opts["ping_interval"],
                 user_agent_header="speakwatch-client",
             )
         except InvalidStatus as exc:
@@ -565,8 +704,15 @@ class _Connector:
             raise RealtimeError(code, f"HTTP {status} from {self.url} {body}".strip()) from None
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise RealtimeError("connection_failed", f"cannot connect to {self.url}: {exc}") from None
+
+    async def _open(self) -> RemoteSession:
+        opts = dict(self.options)
+        timeout: float = opts.pop("open_timeout")
+        ws = await self._socket()
+        for socket_option in ("max_message_size", "ping_interval"):
+            opts.pop(socket_option)
         update = {k: opts.pop(k) for k in ("instructions", "max_output_tokens", "video") if k in opts}
-        session = RemoteSession(ws, **opts)
+        session = RemoteSession(ws, **opts, opener=self._socket)
         try:
             async with asyncio.timeout(timeout):
                 await session._created
@@ -592,6 +738,7 @@ def connect(
     open_timeout: float = 10.0,
     ping_interval: float | None = 20.0,
     max_message_size: int = 16 * 1024 * 1024,
+    reconnect: ReconnectPolicy | None = DEFAULT_RECONNECT,
 ) -> _Connector:
     """Open a realtime session: ``async with connect(url) as session`` or ``session = await connect(url)``.
 
@@ -601,9 +748,11 @@ def connect(
     before the session is handed out. ``on_error`` gets server errors no ``ask`` is waiting for
     (e.g. a rejected frame); without it they are logged. Connection problems raise
     :class:`RealtimeError` (``connection_failed``, ``invalid_api_key``, ``timeout``, or the server's
-    own error such as ``session_limit_reached``).
+    own error such as ``session_limit_reached``). ``reconnect`` is how a lost socket is replaced by a
+    resumed session (``None``: never; the session then ends with its socket).
     """
     options: dict[str, Any] = {
+        "reconnect": reconnect,
         "jpeg_quality": jpeg_quality,
         "on_error": on_error,
         "open_timeout": open_timeout,

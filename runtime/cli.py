@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from runtime.admission import ADMISSIONS
+from runtime.health import EXIT_ENGINE_FAILED, RestartPolicy
 from runtime.wire import SCHEDULES
 from streams.change import ChangeFilterSettings
 
@@ -41,6 +42,13 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _boolean(text: str) -> bool:
@@ -68,6 +76,28 @@ def _port(text: str) -> int:
     return value
 
 
+def _origin(text: str) -> str:
+    """A web origin for --allow-origin (scheme://host[:port]) or ``*``, checked where the server checks it."""
+    from runtime.server.origins import ANY_ORIGIN, Origin
+
+    if text.strip() == ANY_ORIGIN:
+        return ANY_ORIGIN
+    try:
+        return str(Origin.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Repeated(argparse.Action):
+    """A repeatable option whose flags replace the environment's list (the command line wins)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, values])
+
+
 class _EnvDefaults:
     """Adds options whose default comes from ``SPEAKWATCH_<OPTION>`` (validated like the flag itself)."""
 
@@ -75,13 +105,25 @@ class _EnvDefaults:
         self.parser = parser
         self.errors: list[str] = []
 
-    def add(self, flag: str, *, default: Any = None, type: Any = str, help: str, **kwargs: Any) -> None:
+    def add(
+        self,
+        flag: str,
+        *,
+        default: Any = None,
+        type: Any = str,
+        help: str,
+        repeat: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """``repeat``: the flag may be given many times; the variable is a comma-separated list."""
         env = _env_name(flag)
         raw = os.environ.get(env)
         value = default
+        if repeat:
+            kwargs["action"] = _Repeated
         if raw not in (None, ""):
             try:
-                value = type(raw)
+                value = [type(part) for part in raw.split(",") if part.strip()] if repeat else type(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 self.errors.append(f"{env}={raw!r}: {exc}")
             choices = kwargs.get("choices")
@@ -111,12 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add("--port", type=_port, default=8000, help="TCP port (0 picks a free one)")
     opt.add("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
     opt.add(
+        "--allow-origin",
+        metavar="URL",
+        type=_origin,
+        repeat=True,
+        help="also let web pages of this origin (scheme://host[:port], repeatable; * for any) use /v1/*; "
+        "browser requests from other origins than the server's own get 403",
+    )
+    opt.add(
         "--positions",
         choices=tuple(positional.SCHEMES),
         help="position scheme; default: the one the checkpoint was fine-tuned for (sequential if stock)",
     )
     opt.add("--schedule", choices=SCHEDULES, default="parallel", help="default schedule of new sessions")
     opt.add("--max-sessions", type=_positive(int), default=16, help="realtime sessions at once")
+    opt.add(
+        "--resume-grace",
+        type=_non_negative_float,
+        default=30.0,
+        help="seconds a WebSocket session waits for its client to reconnect (?resume=TOKEN) after a lost "
+        "socket, then it is closed; 0: never",
+    )
     opt.add(
         "--admission",
         choices=ADMISSIONS,
@@ -145,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float),
         default=ChangeFilterSettings().keepalive_s,
         help="seconds after which an unchanged frame still goes in",
+    )
+    opt.add(
+        "--restart-attempts",
+        type=_positive(int),
+        default=RestartPolicy().attempts,
+        help="times a dead engine is rebuilt before the server exits with status 70",
+    )
+    opt.add(
+        "--restart-backoff",
+        type=_positive(float),
+        default=RestartPolicy().backoff_s,
+        help="seconds before the first rebuild of a dead engine; each next attempt waits twice as long",
     )
     opt.add("--max-model-len", type=_positive(int), help="vLLM context length")
     opt.add("--kv-cache-gb", type=_positive(float), help="KV cache size in GiB")
@@ -241,6 +310,8 @@ def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["max_fps"] = args.max_fps
     kwargs["change_filter"] = change_filter(args)
     kwargs["admission"] = args.admission
+    kwargs["restart_attempts"] = args.restart_attempts
+    kwargs["restart_backoff_s"] = args.restart_backoff
     return kwargs
 
 
@@ -256,7 +327,12 @@ def server_config(args: argparse.Namespace) -> Any:
     if args.max_fps is not None:  # the cap, and the rate new sessions start with
         fps = {"max_fps": args.max_fps, "default_fps": args.max_fps}
     return ServerConfig(
-        api_key=args.api_key or None, max_sessions=args.max_sessions, change_filter=change_filter(args), **fps
+        api_key=args.api_key or None,
+        max_sessions=args.max_sessions,
+        change_filter=change_filter(args),
+        allow_origins=tuple(args.allow_origin or ()),
+        resume_grace=args.resume_grace,
+        **fps,
     )
 
 
@@ -328,7 +404,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                 _say(
                     f"realtime API: ws://{url.removeprefix('http://')}/v1/realtime; metrics at {url}/metrics"
                 )
-                await stopping
+                failing = asyncio.create_task(runtime.wait_failed())
+                await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+                if failing.done() and not stop.is_set():
+                    # a supervisor (systemd, Kubernetes, a shell loop) starts the server afresh
+                    _say(
+                        f"the engine died and could not be restarted ({failing.result()}): "
+                        f"exiting with status {EXIT_ENGINE_FAILED}"
+                    )
+                    status = EXIT_ENGINE_FAILED
+                failing.cancel()
             else:
                 _say(f"the engine failed to start: {server.startup_error}")
                 status = 1

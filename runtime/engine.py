@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from runtime.admission import KVCapacity
 from runtime.chat import ChatFormat
 
 if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger("speakwatch.engine")
@@ -305,6 +308,52 @@ def _in_process_worker(backend: str | None) -> Iterator[None]:
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def engine_processes(engine: AsyncLLM) -> list[BaseProcess]:
+    """The engine-core processes of a started `AsyncLLM` (one here; one per DP rank): what dies when
+    the engine does. Empty for an engine whose processes vLLM does not manage (Ray, external)."""
+    resources = getattr(getattr(engine, "engine_core", None), "resources", None)
+    processes = getattr(getattr(resources, "engine_manager", None), "processes", None)
+    return list(processes) if isinstance(processes, list) else []
+
+
+def engine_pids(engine: AsyncLLM) -> list[int]:
+    """The process ids of the engine core (for logs, and for tests that kill it)."""
+    return [proc.pid for proc in engine_processes(engine) if proc.pid is not None]
+
+
+def exit_reason(name: str, pid: int | None, exitcode: int) -> str:
+    """How a process ended, for people: its exit code, or the signal that killed it."""
+    if exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"the engine core process {name} (pid {pid}) {how}"
+
+
+def engine_failure(engine: AsyncLLM) -> str | None:
+    """Why ``engine`` cannot serve any more, or None while it can. Cheap (no I/O): polled on the loop.
+
+    vLLM marks its client dead (``errored``: the engine core's monitor thread saw the process go,
+    or the output handler stopped) and then raises `EngineDeadError` in every request; an exited
+    engine-core process is checked too, in case the flag is not set yet.
+    """
+    for proc in engine_processes(engine):
+        code = proc.exitcode
+        if code is not None:
+            return exit_reason(proc.name, proc.pid, code)
+    if engine.errored:
+        return "the engine core is dead (vLLM EngineDeadError)"
+    return None
+
+
+def stop_engine(engine: AsyncLLM) -> None:
+    """Shut an engine down, dead or alive (blocking: run it off the event loop)."""
+    engine.shutdown()
 
 
 def build_async_llm(info: ModelInfo, options: EngineOptions):

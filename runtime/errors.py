@@ -14,7 +14,15 @@ class ResponseActive(SpeakwatchError, RuntimeError):
 
 
 class EngineUnavailable(SpeakwatchError):
-    """The engine is not running (still loading, shut down, or dead)."""
+    """The engine is not running (still loading, restarting after a crash, shut down, or dead).
+
+    ``retry_after_s`` says when to try again (whole seconds) while the runtime restarts the engine;
+    None when unknown, or when it will not come back.
+    """
+
+    def __init__(self, message: str = "the engine is unavailable", retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SessionClosed(SpeakwatchError, RuntimeError):

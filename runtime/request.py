@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +38,18 @@ class StreamingEngine(Protocol):
 
 class RequestEnded(RuntimeError):
     """The request's output stream ended (or raised) while a turn still expected outputs."""
+
+
+class EngineGone(RequestEnded):
+    """The engine died under the request (vLLM's `EngineDeadError`, or the runtime saw it die)."""
+
+
+def is_engine_death(exc: BaseException) -> bool:
+    """Whether ``exc`` is vLLM's `EngineDeadError` (without importing vLLM where it is not loaded:
+    an engine that raised it has loaded its module)."""
+    module = sys.modules.get("vllm.v1.engine.exceptions")
+    dead = getattr(module, "EngineDeadError", None)
+    return isinstance(dead, type) and isinstance(exc, dead)
 
 
 def render_chunk(chat: ChatFormat, pieces: Sequence[Piece]) -> dict:
@@ -76,9 +89,17 @@ class StreamingRequest:
     async def next_output(self) -> RequestOutput:
         """The next output; `RequestEnded` when the stream is over, which a live session never expects."""
         output = await self._outputs.get()
+        if isinstance(output, EngineGone):
+            raise output
+        if isinstance(output, BaseException) and is_engine_death(output):
+            raise EngineGone(f"the engine died under request {self.id}: {output}") from output
         if output is None or isinstance(output, BaseException):
             raise RequestEnded(f"vLLM request ended unexpectedly: {output!r}")
         return output
+
+    def interrupt(self, reason: str) -> None:
+        """The engine is gone: a reader waiting for the next output gets `EngineGone` at once."""
+        self._outputs.put_nowait(EngineGone(reason))
 
     async def stop(self) -> None:
         """End the input stream, stop reading and abort the request in the engine (frees its KV)."""

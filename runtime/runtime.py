@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,10 +19,13 @@ from runtime.engine import (
     EngineOptions,
     ModelInfo,
     build_async_llm,
+    engine_failure,
     kv_capacity,
     resolve_dtype,
+    stop_engine,
 )
 from runtime.errors import EngineUnavailable, SessionLimitReached
+from runtime.health import EngineHealth, EngineSupervisor, RestartPolicy, retry_after
 from runtime.memory import MemoryConfig
 from runtime.session import Session
 from runtime.wire import SCHEDULES, Schedule
@@ -57,6 +61,11 @@ class RuntimeSettings:
     # "kv": open a session only while the engine's KV cache holds every open session's whole budget
     # (runtime.admission); "off": open every session, and vLLM preempts one when the cache fills
     admission: Admission = "kv"
+    # a dead engine is rebuilt up to restart_attempts times, the n-th after restart_backoff_s * 2**(n-1)
+    # seconds (runtime.health.RestartPolicy); then the runtime is failed (the server exits with 70)
+    restart_attempts: int = RestartPolicy.attempts
+    restart_backoff_s: float = RestartPolicy.backoff_s
+    engine_poll_s: float = 0.25  # how often the engine's liveness is checked (a death shows in /health)
 
     def __post_init__(self) -> None:
         if self.turn_tokens is not None and self.turn_tokens < 1:
@@ -69,6 +78,13 @@ class RuntimeSettings:
             raise ValueError("change_filter must be a ChangeFilterSettings")
         if self.admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {self.admission!r}")
+        RestartPolicy(self.restart_attempts, self.restart_backoff_s)  # raises on bad values
+        if self.engine_poll_s <= 0:
+            raise ValueError(f"engine_poll_s must be positive, got {self.engine_poll_s}")
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(attempts=self.restart_attempts, backoff_s=self.restart_backoff_s)
 
 
 class Runtime:
@@ -110,9 +126,13 @@ class Runtime:
         self.sessions: dict[str, Session] = {}
         self.kv_capacity: KVCapacity | None = None  # what the engine's KV cache holds, once started
         self._reserved: dict[str, int] = {}  # session id -> KV blocks reserved for its budget
-        self.ready = False
+        self.ready = False  # the engine serves: False while it loads, restarts, or after it failed
         self.started_at: float | None = None
         self._sampling_cache: dict[int, Any] = {}
+        self._supervisor: EngineSupervisor[Any] | None = None  # builds, watches and rebuilds the engine
+        self._closed = False
+        self._gave_up = asyncio.Event()  # the engine died and could not be restarted
+        self.failure: str | None = None  # why, once it could not be restarted
 
     @property
     def positions(self) -> str | None:
@@ -177,21 +197,112 @@ class Runtime:
             threads=self.settings.encoder_threads,
         )
         log.info("starting the vLLM engine (this takes a while on CPU)")
-        self.engine = await asyncio.to_thread(build_async_llm, self.info, self.options)
+        info, options = self.info, self.options
+        await self._start_engine(lambda: build_async_llm(info, options))
+        log.info("engine ready in %.1f s", time.monotonic() - started)
+
+    async def _start_engine(
+        self,
+        build: Callable[[], Any],
+        probe: Callable[[Any], str | None] = engine_failure,
+        stop: Callable[[Any], None] = stop_engine,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Build the engine (``build`` blocks: it runs in a thread) under a supervisor that polls
+        ``probe`` and rebuilds it when it dies (tests pass fakes, a clock and a sleep)."""
+        supervisor = EngineSupervisor(
+            build,
+            probe,
+            stop,
+            self.settings.restart_policy,
+            poll_s=self.settings.engine_poll_s,
+            on_lost=self._engine_lost,
+            on_restored=self._engine_restored,
+            on_failed=self._engine_failed,
+            sleep=sleep,
+            clock=clock,
+        )
+        self._supervisor = supervisor
+        self.engine = await supervisor.start()
         self.kv_capacity = kv_capacity(self.engine)
         self._log_capacity()
         self.ready = True
         self.started_at = time.monotonic()
-        log.info("engine ready in %.1f s", self.started_at - started)
 
     async def close(self) -> None:
+        self._closed = True
         for session in list(self.sessions.values()):
             await session.close()
         self.ready = False
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            await asyncio.to_thread(engine.shutdown)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await supervisor.close()  # shuts the engine down (or the one being rebuilt, once built)
+        self.engine = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- the engine's life (runtime.health.EngineSupervisor reports it, on the loop) -------------------
+    @property
+    def engine_health(self) -> EngineHealth:
+        """The engine's state, deaths and restarts (``/health`` and ``/metrics`` report it)."""
+        if self._supervisor is not None:
+            return self._supervisor.health
+        return EngineHealth("stopped" if self._closed else "starting")
+
+    def engine_unavailable(self) -> EngineUnavailable:
+        """The error for a session or question refused while the engine cannot serve, with the hint
+        (``retry_after_s``) of when to try again while it restarts."""
+        health = self.engine_health
+        if health.state == "restarting":
+            return EngineUnavailable(
+                f"the engine died ({health.last_failure}) and is being restarted; "
+                f"retry in {health.retry_after_s} s",
+                health.retry_after_s,
+            )
+        if health.state == "failed":
+            return EngineUnavailable(f"the engine died and could not be restarted: {self.failure}")
+        if health.state == "up":  # a session saw the engine die before the monitor did
+            policy = self.settings.restart_policy
+            hint = retry_after(0.0, policy.delay(1)) if policy.attempts else None
+            return EngineUnavailable("the engine stopped answering; it is being restarted", hint)
+        if health.state == "stopped":
+            return EngineUnavailable("the runtime is closed")
+        return EngineUnavailable("the engine is not running; await runtime.start() first")
+
+    async def wait_failed(self) -> str:
+        """Returns the reason once the engine died and every restart failed (the server then exits)."""
+        await self._gave_up.wait()
+        return self.failure or "the engine could not be restarted"
+
+    def _engine_lost(self, reason: str) -> None:
+        self.ready = False
+        self.engine = None
+        for session in list(self.sessions.values()):
+            session.engine_lost(reason)
+
+    def _engine_restored(self, engine: Any) -> None:
+        """The new engine serves every open session: their reservations stand (the same budgets in the
+        new cache, which is re-read: a smaller one refuses new sessions until enough close)."""
+        self.engine = engine
+        self.kv_capacity = kv_capacity(engine)
+        self._log_capacity()
+        capacity = self.kv_capacity
+        if capacity is not None and sum(self._reserved.values()) > capacity.blocks:
+            log.warning(
+                "after the restart the KV cache holds %d tokens, but the %d open sessions reserve %d",
+                capacity.tokens,
+                len(self._reserved),
+                self.kv_tokens_reserved,
+            )
+        self.ready = True
+        for session in list(self.sessions.values()):
+            session.engine_restored()
+
+    def _engine_failed(self, reason: str) -> None:
+        self.ready = False
+        self.failure = reason
+        self._gave_up.set()
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -216,7 +327,7 @@ class Runtime:
         closing a session gives its reservation back.
         """
         if not self.ready:
-            raise EngineUnavailable("the engine is not running; await runtime.start() first")
+            raise self.engine_unavailable()
         blocks = self._admit()
         session = Session(
             self,
@@ -294,6 +405,7 @@ class Runtime:
         sessions = [s.stats() for s in self.sessions.values()]
         return {
             "ready": self.ready,
+            "engine_state": self.engine_health.state,
             "model": self.model_name,
             "positions": self.positions,
             "dtype": self.dtype,

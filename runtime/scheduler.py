@@ -37,6 +37,7 @@ STREAMING   turn ends after a cancel                       NONE        EndRespon
 STREAMING   Cancel while a turn is in flight               -           (no more text; the turn ends it)
 STREAMING   Cancel between turns                           NONE        EndResponse(cancelled)
 any         Failure                                        NONE        EndResponse(failed)
+any         EngineLost                                     NONE        EndResponse(failed)
 any         Close                                          NONE        EndResponse(cancelled)
 
 Turn        event                                          next        plans
@@ -50,11 +51,22 @@ MEMORY      MemoryRead: budget too small for the prefix    IDLE        as Failur
 IN_FLIGHT   TurnOutput (the turn goes on)                  -           (the first: Remember per frame)
 IN_FLIGHT   TurnOutput (<|im_end|>, max_tokens, finished)  IDLE
 any         Failure                                        IDLE        StopRequest
+any         EngineLost (the engine died; frames sent and   DOWN        StopRequest
+            not yet in KV are dropped, counted)
+DOWN        FramesReady                                    -           (the newest max_chunks_per_turn
+                                                                       kept, older ones dropped)
+DOWN        EngineRestored                                 IDLE        (the next chunk opens a
+                                                                       "restart" request)
 any         Close                                          CLOSED      StopRequest
 
-FramesReady, FramesSettled, Configure and Cancel are allowed in every state but CLOSED; nothing is
-allowed once CLOSED. Any other event outside the table raises `SchedulerError`. An answer chunk
-sent under ``sequential`` comes with PausePerception; every EndResponse with ResumePerception.
+While DOWN nothing is sent (`next_turn` is not allowed) and the request is gone: the next chunk after
+EngineRestored opens a new request with the rollover prefix (system, memory, window, dialogue), so a
+session loses at most the answer in flight. Failure, EngineLost and TurnOutput are not allowed while
+DOWN; a question is (the glue refuses questions while the engine is down: one asked as it comes back
+waits in QUEUED). FramesReady, FramesSettled, Configure and Cancel are allowed in every state but
+CLOSED; nothing is allowed once CLOSED. Any other event outside the table raises `SchedulerError`.
+An answer chunk sent under ``sequential`` comes with PausePerception; every EndResponse with
+ResumePerception.
 """
 
 from __future__ import annotations
@@ -92,6 +104,7 @@ class TurnState(enum.Enum):
     IDLE = "idle"  # nothing in vLLM: `next_turn` may send
     MEMORY = "memory"  # a new request is planned and waits for the memory's visual item
     IN_FLIGHT = "in_flight"  # a chunk was sent; its outputs are expected
+    DOWN = "down"  # the engine died: nothing is sent until it is back (EngineRestored)
     CLOSED = "closed"
 
 
@@ -110,6 +123,7 @@ class TurnCounters:
     frames_ingested: int = 0
     frames_dropped_backlog: int = 0  # more encoded chunks waiting than ``ready_chunks``
     frames_dropped_failed: int = 0  # in a chunk whose turn failed before it reached KV
+    frames_dropped_engine: int = 0  # lost with a dead engine, or beyond the newest kept while it was down
     turns: int = 0
     requests_started: int = 0
     rollovers: int = 0
@@ -192,6 +206,18 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class EngineLost:
+    """The engine died (the runtime saw it, or the request raised vLLM's EngineDeadError)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class EngineRestored:
+    """A new engine is up: the next chunk opens a fresh request carrying the session's state."""
+
+
+@dataclass(frozen=True)
 class Close:
     pass
 
@@ -207,6 +233,8 @@ Event = (
     | TurnOutput
     | Configure
     | Failure
+    | EngineLost
+    | EngineRestored
     | Close
 )
 
@@ -332,6 +360,7 @@ class _Turn:
 
 
 _OPEN = frozenset(TurnState) - {TurnState.CLOSED}
+_UP = _OPEN - {TurnState.DOWN}
 _ANY_ANSWER = frozenset(AnswerState)
 # event -> (turn states, answer states) it is allowed in
 _ALLOWED: dict[type, tuple[frozenset[TurnState], frozenset[AnswerState]]] = {
@@ -344,7 +373,9 @@ _ALLOWED: dict[type, tuple[frozenset[TurnState], frozenset[AnswerState]]] = {
     Configure: (_OPEN, _ANY_ANSWER),
     MemoryRead: (frozenset({TurnState.MEMORY}), _ANY_ANSWER),
     TurnOutput: (frozenset({TurnState.IN_FLIGHT}), _ANY_ANSWER),
-    Failure: (_OPEN, _ANY_ANSWER),
+    Failure: (_UP, _ANY_ANSWER),
+    EngineLost: (_UP, _ANY_ANSWER),
+    EngineRestored: (frozenset({TurnState.DOWN}), _ANY_ANSWER),
     Close: (_OPEN, _ANY_ANSWER),
 }
 
@@ -454,6 +485,11 @@ class TurnScheduler:
                 return self._turn_output(event)
             case Failure():
                 return self._fail(event.error)
+            case EngineLost():
+                return self._lose_engine(event.error)
+            case EngineRestored():
+                self.turn_state = TurnState.IDLE
+                return []
             case Close():
                 plans = self._end("cancelled") if self._answer is not None else []
                 if self._request_live:
@@ -509,7 +545,16 @@ class TurnScheduler:
         while len(self._ready) > self.config.ready_chunks:
             dropped = self._ready.popleft()
             self.counters.frames_dropped_backlog += len(dropped.indices)
+        if self.turn_state is TurnState.DOWN:
+            self._keep_newest()
         return []
+
+    def _keep_newest(self) -> None:
+        """While the engine is down, only the newest chunks (one turn's worth) wait for it: the model
+        sees the current view when it is back, and the rest are counted as lost with the engine."""
+        while len(self._ready) > self.config.max_chunks_per_turn:
+            dropped = self._ready.popleft()
+            self.counters.frames_dropped_engine += len(dropped.indices)
 
     def _take_ready(self) -> list[VisualChunk]:
         taken: list[VisualChunk] = []
@@ -738,6 +783,18 @@ class TurnScheduler:
             plans += self._end("failed", error)
         return plans
 
+    def _lose_engine(self, error: str) -> list[Plan]:
+        """The engine died: as a failure (the answer in flight ends ``failed``, the request is gone),
+        then DOWN until `EngineRestored`; what a rollover carries stays for the next request."""
+        turn = self._turn
+        if turn is not None and not turn.ingested:
+            self.counters.frames_dropped_engine += turn.frame_count
+            self._turn = None
+        plans = self._fail(error)
+        self.turn_state = TurnState.DOWN
+        self._keep_newest()
+        return plans
+
     def _end(self, status: ResponseStatus, error: str | None = None) -> list[Plan]:
         answer = self._answer
         assert answer is not None
@@ -759,6 +816,8 @@ __all__ = [
     "Configure",
     "EmitDelta",
     "EndResponse",
+    "EngineLost",
+    "EngineRestored",
     "Event",
     "Failure",
     "FramesReady",

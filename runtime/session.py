@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.errors import ResponseActive, SessionClosed
+from runtime.errors import EngineUnavailable, ResponseActive, SessionClosed
 from runtime.memory import MemoryConfig
 from runtime.perception import Perception, VisualChunk
-from runtime.request import StreamingRequest, render_chunk
+from runtime.request import EngineGone, StreamingRequest, render_chunk
 from runtime.rollover import SessionMemory
 from runtime.scheduler import (
     ATTACHED_IMAGE,
@@ -30,6 +30,8 @@ from runtime.scheduler import (
     Configure,
     EmitDelta,
     EndResponse,
+    EngineLost,
+    EngineRestored,
     Event,
     Failure,
     FramesReady,
@@ -49,6 +51,7 @@ from runtime.scheduler import (
     TurnCounters,
     TurnOutput,
     TurnScheduler,
+    TurnState,
 )
 from runtime.wire import SCHEDULES, ResponseStatus, Schedule, SessionStats
 from streams.change import ChangeFilter, ChangeFilterSettings
@@ -210,6 +213,11 @@ class Session:
             counters=self.counters,
         )
         self._request: StreamingRequest | None = None
+        # what the runtime says of the engine; the drive loop brings the scheduler in line with it
+        self._engine_up = True
+        self._engine_reason: str | None = None
+        self._engine_epoch = 0  # one more at every loss the runtime reports
+        self._synced_epoch = 0  # the loss the scheduler was last told of
         self.perception = Perception(
             runtime.encoder,
             runtime.executor,
@@ -295,6 +303,8 @@ class Session:
             raise ValueError("text must be a string")
         if self._response is not None:
             raise ResponseActive("the session is still answering; cancel it or wait for response.done")
+        if not self._engine_up:
+            raise self.runtime.engine_unavailable()
         limit = self.runtime.settings.max_output_tokens
         if max_tokens is None:
             max_tokens = limit
@@ -371,6 +381,7 @@ class Session:
             "encode_failed": perceived.failed,
             "chunk_backlog": c.frames_dropped_backlog,
             "turn_failed": c.frames_dropped_failed,
+            "engine_unavailable": c.frames_dropped_engine,
         }
         return SessionStats(
             session_id=self.id,
@@ -425,6 +436,31 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    # the engine's life, as the runtime reports it (on the event loop) ---------------------------
+    def engine_lost(self, reason: str) -> None:
+        """The engine died: the answer in flight ends ``failed``, nothing is sent until it is back."""
+        self._engine_up = False
+        self._engine_reason = reason
+        self._engine_epoch += 1
+        if self._request is not None:
+            self._request.interrupt(reason)  # a turn waiting for output ends now
+        self._wake.set()
+
+    def engine_restored(self) -> None:
+        """A new engine is up: the next chunk opens a request carrying what a rollover carries."""
+        self._engine_up = True
+        self._wake.set()
+
+    async def _sync_engine(self) -> None:
+        """Tell the scheduler of each loss the runtime reported (once), and when the engine is back."""
+        if self._synced_epoch != self._engine_epoch:
+            self._synced_epoch = self._engine_epoch
+            if self.scheduler.turn_state is not TurnState.DOWN:
+                reason = self._engine_reason or "the engine stopped"
+                await self._apply(self.scheduler.handle(EngineLost(reason)))
+        if self.scheduler.turn_state is TurnState.DOWN and self._engine_up:
+            self.scheduler.handle(EngineRestored())
+
     # events in, plans out ---------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
         """Feed the scheduler an event from outside the drive loop; its plans need no awaiting."""
@@ -458,16 +494,28 @@ class Session:
         """The session's one task: send what the scheduler plans, read the turn's outputs back."""
         while not self._closed:
             try:
+                await self._sync_engine()
                 await self._next_turn()
             except asyncio.CancelledError:
                 raise
+            except EngineGone as exc:  # seen here first: the runtime's monitor reports it too
+                if self._closed:
+                    return
+                if self._synced_epoch == self._engine_epoch:
+                    self.engine_lost(str(exc))
             except Exception as exc:  # keep the session usable: fail the answer, restart the request
                 if self._closed:
                     return
+                if not self._engine_up or self._synced_epoch != self._engine_epoch:
+                    continue  # the engine went away under this turn: _sync_engine ends it
                 log.exception("session %s: turn failed", self.id)
                 await self._apply(self.scheduler.handle(Failure(str(exc))))
 
     async def _next_turn(self) -> None:
+        if self.scheduler.turn_state is TurnState.DOWN:  # frames are still taken in meanwhile
+            await self._wake.wait()
+            self._wake.clear()
+            return
         before = self.scheduler.frames_awaited
         if before is not None and self.perception.settled(before):
             self.scheduler.handle(FramesSettled(before))
@@ -537,6 +585,8 @@ class Session:
         return response
 
     async def _send(self, plan: SendChunk) -> None:
+        if not self._engine_up:
+            raise EngineUnavailable(self._engine_reason or "the engine is down")
         if plan.new_request is not None:  # on a rollover the old request is aborted once the new exists
             old = self._request
             self._request = StreamingRequest(

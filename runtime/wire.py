@@ -117,8 +117,12 @@ ErrorCode = Literal[
     "conversation_already_has_active_response",
     "session_limit_reached",
     "engine_unavailable",
+    "session_not_resumable",
+    "replay_unavailable",
 ]
-SERVER_ERROR_CODES: frozenset[str] = frozenset({"session_limit_reached", "engine_unavailable"})
+SERVER_ERROR_CODES: frozenset[str] = frozenset(
+    {"session_limit_reached", "engine_unavailable", "replay_unavailable"}
+)
 ImageDetail = Literal["auto", "low", "high"]
 IMAGE_DETAILS: tuple[ImageDetail, ...] = get_args(ImageDetail)
 IMAGE_MIME_TYPES = ("image/jpeg", "image/jpg", "image/png")
@@ -354,6 +358,26 @@ class VideoConfig:
 
 
 @dataclass(frozen=True)
+class ResumeInfo:
+    """The session's ``resume`` block (our extension, in ``session.created`` and ``session.resumed``):
+    reconnect with ``?resume=TOKEN&last_event_id=...`` within ``grace_s`` seconds of a disconnect."""
+
+    token: str
+    grace_s: float
+
+    def encode(self) -> JSONObject:
+        return {"token": self.token, "grace_s": self.grace_s}
+
+    @classmethod
+    def decode(cls, payload: JSON) -> ResumeInfo | None:
+        block = _as_object(payload)
+        token, grace = block.get("token"), block.get("grace_s")
+        if not isinstance(token, str) or not token:
+            return None
+        return cls(token, float(grace) if is_number(grace) else 0.0)
+
+
+@dataclass(frozen=True)
 class SessionObject:
     """A ``realtime.session`` as ``session.created`` / ``session.updated`` show it."""
 
@@ -362,8 +386,15 @@ class SessionObject:
     instructions: str | None
     max_output_tokens: int
     video: VideoConfig
+    resume: ResumeInfo | None = None  # only in session.created / session.resumed, for its client alone
 
     def encode(self) -> JSONObject:
+        out = self._encode()
+        if self.resume is not None:
+            out["resume"] = self.resume.encode()
+        return out
+
+    def _encode(self) -> JSONObject:
         return {
             "type": "realtime",
             "object": "realtime.session",
@@ -397,6 +428,7 @@ class SessionObject:
                 str(video.get("positions") or ""),
                 ChangeFilterConfig.decode(video.get("change_filter")),
             ),
+            ResumeInfo.decode(session.get("resume")),
         )
 
 
@@ -540,21 +572,32 @@ class ErrorInfo:
     type: ErrorType = "invalid_request_error"
     param: str | None = None
     event_id: str | None = None
+    retry_after_s: int | None = None  # engine_unavailable while the engine restarts: when to retry
 
     @classmethod
-    def of(cls, code: str, message: str, param: str | None = None, event_id: str | None = None) -> ErrorInfo:
+    def of(
+        cls,
+        code: str,
+        message: str,
+        param: str | None = None,
+        event_id: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> ErrorInfo:
         """``type`` follows from the code: ``server_error`` for server-side causes."""
         kind: ErrorType = "server_error" if code in SERVER_ERROR_CODES else "invalid_request_error"
-        return cls(code, message, kind, param, event_id)
+        return cls(code, message, kind, param, event_id, retry_after_s)
 
     def encode(self) -> JSONObject:
-        return {
+        encoded: JSONObject = {
             "type": self.type,
             "code": self.code,
             "message": self.message,
             "param": self.param,
             "event_id": self.event_id,
         }
+        if self.retry_after_s is not None:
+            encoded["retry_after_s"] = self.retry_after_s
+        return encoded
 
 
 # -- server events
@@ -618,6 +661,39 @@ class SessionCreated(SessionEvent):
 @dataclass(frozen=True, kw_only=True)
 class SessionUpdated(SessionEvent):
     TYPE: ClassVar[str] = "session.updated"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionResumed(SessionEvent):
+    """(extension) The first event on a socket that resumed a session: ``session.resume`` holds the
+    new token; then the ``replayed`` events the client missed after ``last_event_id`` follow, in order.
+    Not itself replayable: a client's ``last_event_id`` never names it."""
+
+    TYPE: ClassVar[str] = "session.resumed"
+    replayed: int = 0
+    last_event_id: str | None = None
+    # the last client event (with an event_id) the server received: the client resends what came after
+    last_client_event_id: str | None = None
+
+    def _body(self) -> JSONObject:
+        return {
+            **super()._body(),
+            "replayed": self.replayed,
+            "last_event_id": self.last_event_id,
+            "last_client_event_id": self.last_client_event_id,
+        }
+
+    @classmethod
+    def decode(cls, payload: JSONObject) -> Self:
+        replayed, last = payload.get("replayed"), payload.get("last_event_id")
+        last_client = payload.get("last_client_event_id")
+        return cls(
+            event_id=_event_id(payload),
+            session=SessionObject.decode(payload.get("session")),
+            replayed=replayed if is_int(replayed) else 0,
+            last_event_id=last if isinstance(last, str) else None,
+            last_client_event_id=last_client if isinstance(last_client, str) else None,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -830,7 +906,7 @@ class ErrorEvent(ServerEvent):
     @classmethod
     def decode(cls, payload: JSONObject) -> Self:
         error = _as_object(payload.get("error"))
-        param, cause = error.get("param"), error.get("event_id")
+        param, cause, retry = error.get("param"), error.get("event_id"), error.get("retry_after_s")
         return cls(
             event_id=_event_id(payload),
             error=ErrorInfo(
@@ -839,6 +915,7 @@ class ErrorEvent(ServerEvent):
                 "invalid_request_error" if error.get("type") == "invalid_request_error" else "server_error",
                 param if isinstance(param, str) else None,
                 cause if isinstance(cause, str) else None,
+                retry if isinstance(retry, int) and not isinstance(retry, bool) else None,
             ),
         )
 
@@ -868,6 +945,7 @@ SERVER_EVENTS: Mapping[str, type[ServerEvent]] = {
     for cls in (
         SessionCreated,
         SessionUpdated,
+        SessionResumed,
         ConversationItemAdded,
         ConversationItemDone,
         ConversationItemDeleted,

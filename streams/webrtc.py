@@ -90,11 +90,19 @@ class EventChannel:
         if self._closed:
             raise ChannelClosed
 
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes the open channel has taken and not sent yet (0 before it opens)."""
+        return self.channel.bufferedAmount if self.is_open and self.channel is not None else 0
+
     def send(self, message: dict[str, Any]) -> bool:
         """Queue one JSON object for the peer; returns False if it had to be dropped."""
+        return self.send_text(json.dumps(message, separators=(",", ":")))
+
+    def send_text(self, text: str) -> bool:
+        """`send` for a message already encoded as JSON text."""
         if self._closed:
             raise ChannelClosed
-        text = json.dumps(message, separators=(",", ":"))
         if not self.is_open:
             if len(self._outbox) == self._outbox.maxlen:
                 self.counters["dropped_out"] += 1

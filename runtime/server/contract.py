@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+from runtime.health import EngineHealth
 from runtime.wire import ResponseStatus, Schedule, SessionStats
 from streams.change import ChangeFilterSettings
 from streams.frame import Frame
@@ -75,11 +76,16 @@ class ServedRuntime(Protocol):
     `open_session` raises `runtime.errors.EngineUnavailable` until started and
     `runtime.errors.SessionLimitReached` (its message says why, with the numbers) when the engine
     cannot hold another session; `stats` reports ``kv_tokens`` (in use), ``kv_tokens_reserved`` and
-    ``kv_capacity_tokens`` (None until known) for ``/metrics``.
+    ``kv_capacity_tokens`` (None until known) for ``/metrics``. ``ready`` is False while the engine
+    loads, while it is restarted after a death, and once it could not be; ``engine_health`` says which
+    (``/health``, ``/metrics``), with the hint of when to retry.
     """
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def engine_health(self) -> EngineHealth: ...
 
     @property
     def model_name(self) -> str: ...
@@ -99,6 +105,8 @@ class ServedRuntime(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def wait_failed(self) -> str: ...  # returns why once the engine died and could not be restarted
 
     def open_session(
         self,

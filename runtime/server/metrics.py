@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from runtime.health import ENGINE_STATES, EngineHealth
 
 if TYPE_CHECKING:
     from .contract import ServedRuntime
@@ -40,18 +42,63 @@ _KV_FAMILIES: dict[str, tuple[str, str, bool]] = {
 }
 
 
+def engine_health_families(health: EngineHealth) -> Iterator[Metric]:
+    """The engine's life: up, its state, deaths, restart attempts and restarts, the last failure."""
+    up = GaugeMetricFamily("speakwatch_engine_up", "1 while the engine serves, 0 while it loads or restarts")
+    up.add_metric([], 1.0 if health.up else 0.0)
+    yield up
+    state = GaugeMetricFamily("speakwatch_engine_state", "1 for the engine's current state", labels=["state"])
+    for name in ENGINE_STATES:
+        state.add_metric([name], 1.0 if health.state == name else 0.0)
+    yield state
+    counts = (
+        ("speakwatch_engine_failures", "engine deaths seen", health.failures),
+        (
+            "speakwatch_engine_restart_attempts",
+            "engine builds attempted after a death",
+            health.restart_attempts,
+        ),
+        ("speakwatch_engine_restarts", "engine restarts that brought it back", health.restarts),
+    )
+    for name, help_text, value in counts:
+        family = CounterMetricFamily(name, help_text)
+        family.add_metric([], float(value))
+        yield family
+    if health.last_restart_s is not None:
+        took = GaugeMetricFamily(
+            "speakwatch_engine_last_restart_seconds", "the last death until the engine was back"
+        )
+        took.add_metric([], health.last_restart_s)
+        yield took
+    if health.last_failure is not None:
+        failure = InfoMetricFamily(
+            "speakwatch_engine_last_failure", "why the engine last died or failed to restart"
+        )
+        failure.add_metric([], {"reason": health.last_failure[:200]})
+        yield failure
+
+
 class _EngineCollector(Collector):
     """Numbers from ``runtime.stats()`` when scraped: the KV families of `_KV_FAMILIES` plus every other
-    numeric key as ``speakwatch_engine_<key>`` (the engine decides what it reports; nothing is cached)."""
+    numeric key as ``speakwatch_engine_<key>`` (the engine decides what it reports; nothing is cached),
+    and the engine's health (`engine_health_families`)."""
 
-    def __init__(self, stats: Callable[[], Mapping[str, object]], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], Mapping[str, object]],
+        ready: Callable[[], bool],
+        health: Callable[[], EngineHealth] | None = None,
+    ) -> None:
         self._stats = stats
         self._ready = ready
+        self._health = health
 
     def collect(self) -> Iterator[Metric]:
         ready = GaugeMetricFamily("speakwatch_engine_ready", "1 when the engine is loaded and serving")
         ready.add_metric([], 1.0 if self._ready() else 0.0)
         yield ready
+        if self._health is not None:
+            yield from engine_health_families(self._health())
         stats: Mapping[str, object] = {}
         if self._ready():
             try:
@@ -125,8 +172,37 @@ class ServerMetrics:
         )
         self.rollovers = Counter("speakwatch_rollovers", "session rollovers (fresh vLLM request)", registry=r)
         self.errors = Counter("speakwatch_client_errors", "error events sent, by code", ["code"], registry=r)
+        self.detached = Gauge(
+            "speakwatch_sessions_detached",
+            "sessions without a socket, in their resume grace period",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "speakwatch_session_resumes",
+            "reconnects that asked to resume a session, by result",
+            ["result"],
+            registry=r,
+        )
+        self.replayed_events = Counter(
+            "speakwatch_replayed_events", "server events replayed to resumed sessions", registry=r
+        )
+        self.grace_expired = Counter(
+            "speakwatch_sessions_grace_expired",
+            "sessions closed because no client resumed them in time",
+            registry=r,
+        )
+        self.ws_closed = Counter(
+            "speakwatch_websocket_closed_by_server",
+            "WebSockets the server closed on its own, by reason (slow_client: its send buffer was full)",
+            ["reason"],
+            registry=r,
+        )
         if runtime is not None:
-            r.register(_EngineCollector(lambda: runtime.stats(), lambda: runtime.ready))
+            r.register(
+                _EngineCollector(
+                    lambda: runtime.stats(), lambda: runtime.ready, lambda: runtime.engine_health
+                )
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

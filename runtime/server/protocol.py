@@ -65,10 +65,12 @@ from runtime.wire import (
     ResponseFailure,
     ResponseObject,
     ResponseStatus,
+    ResumeInfo,
     Schedule,
     ServerEvent,
     SessionCreated,
     SessionObject,
+    SessionResumed,
     SessionStats,
     SessionUpdate,
     SessionUpdated,
@@ -206,10 +208,12 @@ def error_event(
     param: str | None = None,
     client_event_id: str | None = None,
     event_id: str | None = None,
+    retry_after_s: int | None = None,
 ) -> ErrorEvent:
     """Build an ``error`` event; ``type`` is ``server_error`` for server-side causes."""
     return ErrorEvent(
-        event_id=event_id or default_id("event"), error=ErrorInfo.of(code, message, param, client_event_id)
+        event_id=event_id or default_id("event"),
+        error=ErrorInfo.of(code, message, param, client_event_id, retry_after_s),
     )
 
 
@@ -339,6 +343,7 @@ class RealtimeProtocol:
         self._response: _Response | None = None
         self._usage = {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0}
         self._started = False
+        self.last_client_event_id: str | None = None  # of the last client message received
 
     # -- read-only state -----------------------------------------------------------------------
 
@@ -362,12 +367,27 @@ class RealtimeProtocol:
 
     # -- session start ---------------------------------------------------------------------------
 
-    def start(self) -> list[Output]:
-        """The first event of every session: ``session.created``."""
+    def start(self, resume: ResumeInfo | None = None) -> list[Output]:
+        """The first event of every session: ``session.created`` (with the session's resume token,
+        if it can be resumed)."""
         if self._started:
             raise RuntimeError("start() was already called")
         self._started = True
-        return [SessionCreated(event_id=self._new_id("event"), session=self._session_object())]
+        session = replace(self._session_object(), resume=resume)
+        return [SessionCreated(event_id=self._new_id("event"), session=session)]
+
+    def resumed(self, resume: ResumeInfo, replayed: int, last_event_id: str | None) -> SessionResumed:
+        """The first event on a socket that resumed this session (the ``replayed`` missed events
+        follow it); not part of the session's own event stream, so the transport does not log it. It
+        names the last client event received, so the client can resend what was lost on the way."""
+        session = replace(self._session_object(), resume=resume)
+        return SessionResumed(
+            event_id=self._new_id("event"),
+            session=session,
+            replayed=replayed,
+            last_event_id=last_event_id,
+            last_client_event_id=self.last_client_event_id,
+        )
 
     # -- client messages -------------------------------------------------------------------------
 
@@ -388,6 +408,8 @@ class RealtimeProtocol:
         client_event_id = payload.get("event_id")
         if client_event_id is not None and not isinstance(client_event_id, str):
             return [self._error("invalid_value", "event_id must be a string", param="event_id")]
+        if client_event_id is not None:
+            self.last_client_event_id = client_event_id
         try:
             match decode_client_event(payload):
                 case SessionUpdate() as event:
@@ -583,10 +605,20 @@ class RealtimeProtocol:
                 break
         return out
 
-    def engine_error(self, message: str, event_id: str | None = None) -> list[Output]:
-        """The engine cannot serve (crashed, overloaded). Only the error event: an active response is
-        still ended by the app with ``response_finished(..., "failed", ...)``."""
-        return [self._error("engine_unavailable", message, client_event_id=event_id)]
+    def engine_error(
+        self, message: str, event_id: str | None = None, *, retry_after_s: int | None = None
+    ) -> list[Output]:
+        """The engine cannot serve (crashed, restarting, overloaded); ``retry_after_s`` while it
+        restarts. Only the error event: an active response is still ended by the app with
+        ``response_finished(..., "failed", ...)``."""
+        error = error_event(
+            "engine_unavailable",
+            message,
+            client_event_id=event_id,
+            event_id=self._new_id("event"),
+            retry_after_s=retry_after_s,
+        )
+        return [error]
 
     session_limit_reached = staticmethod(session_limit_reached)
 

@@ -5,14 +5,19 @@ actions against a runtime session (typed as `contract.ServedSession`): it decode
 thread (with a pixel limit), caps the rate of appended frames and holds back those that show nothing
 new (one sampler with its own scene-change filter per input: a WebRTC track's frames were capped and
 filtered by the track's own sampler, and the session does neither again), streams a
-response's deltas back into the core, sends ``input_video.stats`` while frames flow and, whatever ends
-the connection, cancels the response and closes the session.
+response's deltas back into the core, sends ``input_video.stats`` while frames flow and, when the
+session ends, cancels the response and closes the session.
 
 Outgoing events go through an :class:`EventSink` whose ``send`` never blocks: events are queued in the
 order the core produced them, so a response's deltas can never overtake its ``response.created``.
-Two sinks exist, one per transport: :class:`WebSocketSink` and :class:`ChannelSink` (WebRTC data
-channel). :class:`Call` is one WebRTC peer, either feeding video into an existing connection or
-carrying a whole session over its ``oai-events`` channel.
+Two sinks exist, one per transport: :class:`WebSocketSink` (bounded per connection: a client that stops
+reading is closed) and :class:`ChannelSink` (WebRTC data channel). :class:`Call` is one WebRTC peer,
+either feeding video into an existing connection or carrying a whole session over its ``oai-events``
+channel.
+
+A session outlives a lost connection (:class:`SessionResumer`, around the sans-I/O `resume` core): a
+resumable connection logs every event it sends in a `ReplayLog`, runs on without a sink while
+detached, and `RealtimeConnection.attach` puts it on a new sink, replaying what the client missed.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from runtime.errors import EngineUnavailable, ResponseActive
-from runtime.wire import FINAL_STATUSES, ResponseStatus, SessionStats
+from runtime.wire import FINAL_STATUSES, ResponseStatus, ResumeInfo, SessionStats
 from streams import (
     ChangeFilter,
     ChangeFilterSettings,
@@ -62,18 +67,22 @@ from .protocol import (
     UpdateSession,
     error_event,
 )
+from .resume import Claimed, Refused, ReplayGap, ReplayLog, ResumeRegistry
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RESUME_REFUSAL_STATUS",
     "Call",
     "ChannelSink",
     "ConnectionOptions",
     "EventSink",
     "ImageRejected",
     "RealtimeConnection",
+    "SessionResumer",
     "WebSocketSink",
     "decode_image",
+    "read_websocket",
 ]
 
 
@@ -135,32 +144,84 @@ class EventSink(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
-class WebSocketSink:
-    """Queues events for one WebSocket and writes them from a single writer task, in order.
+SLOW_CLIENT_REASON = "send buffer full: the client is not reading its events"
+TAKEN_OVER = 4000  # close code of a socket whose session another connection resumed (no point resuming)
+RESUME_REFUSAL_STATUS = {"session_not_resumable": 404, "invalid_value": 400, "replay_unavailable": 410}
+"""The HTTP status of a refused resume (``POST /v1/realtime/calls?resume=``), by error code."""
 
-    The queue is bounded by ``max_queued`` events: a client that stops reading while an answer streams
-    is disconnected (1008) instead of growing the server's memory.
+
+class WebSocketSink:
+    """Writes one WebSocket's events from a single writer task, in order, holding a bounded number of bytes.
+
+    What the sink holds is its queue of unsent events plus the socket's own write buffer, which aiohttp
+    stops filling past its high-water mark (64 KiB) once the peer stops reading: then the writer task
+    waits and the queue grows. When an event would take the queue past ``max_buffered_bytes`` (one
+    event alone always goes), the client is not reading: the socket is closed with 1008 and a reason
+    (logged, counted in ``speakwatch_websocket_closed_by_server_total{reason="slow_client"}``), the
+    queue is dropped, and if the close frame cannot get out within ``close_timeout`` the connection is
+    aborted, so a client that stopped reading costs the server at most the bound plus the socket
+    buffer. A resumable session loses nothing by it: its events are in its `ReplayLog`.
+
+    `replay` makes the writer send a preface and then events straight from a replay log before the
+    queued live ones (the log already holds them: replaying costs no second copy).
     """
 
-    def __init__(self, ws: web.WebSocketResponse, *, max_queued: int = 10_000) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.BaseTransport | None = None,
+        *,
+        max_buffered_bytes: int = 1024 * 1024,
+        close_timeout: float = 2.0,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.ws = ws
-        self.max_queued = max_queued
-        self._queue: deque[str] = deque()
+        self.transport = transport
+        self.max_buffered_bytes = max_buffered_bytes
+        self.close_timeout = close_timeout
+        self.metrics = metrics
+        self.overflowed = False
+        self.peak_buffered_bytes = 0  # the most this sink has held at once (queue + socket buffer)
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._replay: tuple[bytes | None, ReplayLog, int] | None = None  # preface, log, next seq
         self._wake = asyncio.Event()
         self._closing = False
         self._writer = asyncio.create_task(self._write(), name="WebSocketSink.writer")
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this connection holds now: the queued events and the socket's unsent write buffer."""
+        held = self._queued_bytes
+        if isinstance(self.transport, asyncio.WriteTransport):
+            with contextlib.suppress(Exception):  # a closed transport may refuse to say
+                held += self.transport.get_write_buffer_size()
+        return held
+
     def send(self, event: ServerEvent) -> None:
+        self.send_data(event.to_json().encode())
+
+    def send_data(self, data: bytes) -> None:
+        """Queue one encoded event (UTF-8 JSON); past the bound the connection is closed instead."""
         if self._closing or self.ws.closed:
             return
-        if len(self._queue) >= self.max_queued:
-            logger.warning("client is not reading its events; closing the WebSocket")
-            self._closing = True
-            self._queue.clear()
+        if self._replay is not None:  # the event is in the log the replay reads: it goes out from there
             self._wake.set()
-            _background(self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too slow"))
             return
-        self._queue.append(event.to_json())
+        queued = self._queued_bytes + len(data)
+        if queued > self.max_buffered_bytes and self._queued_bytes > 0:  # one event alone always goes out
+            self._overflow(queued)
+            return
+        self._queue.append(data)
+        self._queued_bytes = queued
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self.buffered_bytes)
+        self._wake.set()
+
+    def replay(self, preface: bytes, log: ReplayLog, first: int) -> None:
+        """Send ``preface``, then the logged events from ``first`` on, read from the log as they go out
+        until the replay has caught up with it (new events meanwhile are the log's too: nothing is
+        queued twice); then the queued live ones. Call it before anything is queued."""
+        self._replay = (preface, log, first)
         self._wake.set()
 
     async def close(self, code: int = 1000, reason: str = "", *, flush_timeout: float = 2.0) -> None:
@@ -169,24 +230,93 @@ class WebSocketSink:
         self._wake.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
             await asyncio.wait_for(asyncio.shield(self._writer), flush_timeout)
-        self._writer.cancel()
-        with contextlib.suppress(BaseException):
-            await self._writer
+        await self._stop_writer()
         if not self.ws.closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), flush_timeout)
 
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame (what a network failure looks like)."""
+        self._closing = True
+        self._clear()
+        self._wake.set()
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]  # every socket transport has it
+
+    def _clear(self) -> None:
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._replay = None
+
+    def _overflow(self, held: int) -> None:
+        logger.warning(
+            "closing a WebSocket (1008): %d bytes would be buffered, more than the bound of %d; %s",
+            held,
+            self.max_buffered_bytes,
+            SLOW_CLIENT_REASON,
+        )
+        if self.metrics is not None:
+            self.metrics.ws_closed.labels(reason="slow_client").inc()
+        self.overflowed = True
+        self._closing = True
+        self._clear()
+        self._wake.set()
+        _background(self._close_slow())
+
+    async def _close_slow(self) -> None:
+        """Close 1008 with the reason; a close frame stuck behind unread data is given up on (abort)."""
+        try:
+            await self._stop_writer()
+            async with asyncio.timeout(self.close_timeout):
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=SLOW_CLIENT_REASON.encode())
+        except (TimeoutError, Exception):
+            pass
+        finally:  # (aiohttp may also raise CancelledError here: the stopped writer's drain waiter)
+            transport = self.transport
+            if transport is not None and (not transport.is_closing() or self.buffered_bytes):
+                transport.abort()  # type: ignore[attr-defined]  # still open, or closing with unsent bytes
+
+    async def _stop_writer(self) -> None:
+        if self._writer is not asyncio.current_task():
+            self._writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._writer
+
+    def _next(self) -> bytes | None:
+        """The next frame to write: the replay first, then the queue; None when there is nothing."""
+        while self._replay is not None:
+            preface, log, seq = self._replay
+            if preface is not None:
+                self._replay = (None, log, seq)
+                return preface
+            if seq > log.last_seq:  # caught up: live events are queued from now on
+                self._replay = None
+                break
+            data = log.data(seq)
+            if data is None:  # dropped from the log while the replay was going out
+                logger.warning("replay lost event #%d (the session's log dropped it); closing", seq)
+                self._closing = True
+                self._clear()
+                _background(self.close(WSCloseCode.POLICY_VIOLATION, "replay lost events; resume again"))
+                return None
+            self._replay = (None, log, seq + 1)
+            return data
+        if self._queue:
+            data = self._queue.popleft()
+            self._queued_bytes -= len(data)
+            return data
+        return None
+
     async def _write(self) -> None:
         while True:
-            while self._queue:
-                text = self._queue.popleft()
+            while (data := self._next()) is not None:
                 if self.ws.closed:
-                    self._queue.clear()
+                    self._clear()
                     return
                 try:
-                    await self.ws.send_str(text)
+                    await self.ws.send_frame(data, WSMsgType.TEXT)
                 except (ConnectionError, RuntimeError):  # the peer went away mid-write
-                    self._queue.clear()
+                    self._clear()
                     return
             if self._closing:
                 return
@@ -195,17 +325,52 @@ class WebSocketSink:
 
 
 class ChannelSink:
-    """Events over the ``oai-events`` data channel (the channel itself queues until it opens)."""
+    """Events over the ``oai-events`` data channel (the channel itself queues until it opens).
 
-    def __init__(self, channel: EventChannel) -> None:
+    `replay` sends a preface and then a replay log's events from a task that waits for the channel to
+    open and keeps its send buffer under ``max_buffered`` (the channel drops what it cannot buffer):
+    nothing of a replay is dropped, and live events meanwhile go out from the log too, in order.
+    """
+
+    def __init__(self, channel: EventChannel, *, max_buffered: int = 1024 * 1024) -> None:
         self.channel = channel
+        self.max_buffered = max_buffered
+        self._replay: asyncio.Task[None] | None = None
 
     def send(self, event: ServerEvent) -> None:
+        if self._replay is not None:  # in the log the replay reads: it goes out from there
+            return
         with contextlib.suppress(ChannelClosed):
             self.channel.send(event.encode())
 
+    def replay(self, preface: bytes, log: ReplayLog, first: int) -> None:
+        self._replay = asyncio.create_task(self._send_log(preface, log, first), name="ChannelSink.replay")
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._replay is not None and self._replay is not asyncio.current_task():
+            self._replay.cancel()
+            with contextlib.suppress(BaseException):
+                await self._replay
         self.channel.close()
+
+    async def _send_log(self, preface: bytes, log: ReplayLog, seq: int) -> None:
+        try:
+            await self.channel.wait_open(timeout=30.0)
+            self.channel.send_text(preface.decode())
+            while seq <= log.last_seq:
+                while self.channel.buffered_amount > self.max_buffered:
+                    await asyncio.sleep(0.005)
+                data = log.data(seq)
+                if data is None:  # dropped from the log while the replay went out: resume again
+                    logger.warning("replay lost event #%d (the session's log dropped it); closing", seq)
+                    self.channel.close()
+                    return
+                self.channel.send_text(data.decode())
+                seq += 1
+        except (ChannelClosed, TimeoutError):
+            return
+        finally:
+            self._replay = None  # caught up (no await since the last check): live events from now on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,13 +434,15 @@ class RealtimeConnection:
 
     The transport calls :meth:`start` once, :meth:`handle` for every client message (one at a time, in
     order), :meth:`push_video_frame` for frames of attached WebRTC tracks, and :meth:`close` exactly when
-    it is done (idempotent, also on errors and cancellation).
+    it is done (idempotent, also on errors and cancellation). A resumable one (``log`` set, by
+    `SessionResumer.register`) also goes through :meth:`detach` and :meth:`attach` as its client's
+    connections come and go; its ``sink`` is None while detached.
     """
 
     def __init__(
         self,
         session: ServedSession,
-        sink: EventSink,
+        sink: EventSink | None,
         *,
         model: str,
         positions: str,
@@ -291,7 +458,11 @@ class RealtimeConnection:
             session.id, model=model, positions=positions, limits=options.limits, defaults=options.defaults
         )
         self.on_close = on_close
+        self.close_callbacks: list[Callable[[RealtimeConnection], None]] = []  # after on_close
         self.closers: list[Callable[[], Awaitable[None]]] = []  # attached calls, closed with the session
+        # a resumable session: its token and grace, and the log of every event it sent (for a replay)
+        self.resume: ResumeInfo | None = None
+        self.log: ReplayLog | None = None
         self._pending_texts: list[str] = []
         self._pending_images: list[np.ndarray] = []
         self._active: _Active | None = None
@@ -324,8 +495,9 @@ class RealtimeConnection:
     # -- driving ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Send ``session.created`` and start the periodic video statistics."""
-        self._emit(self.proto.start())
+        """Send ``session.created`` (with the resume token, when resumable) and start the periodic
+        video statistics."""
+        self._emit(self.proto.start(self.resume))
         self._stats_task = asyncio.create_task(self._stats_loop(), name=f"stats {self.id}")
 
     async def handle(self, message: str | bytes) -> None:
@@ -360,6 +532,31 @@ class RealtimeConnection:
                 self._tracks.remove(video)
                 _add_counts(self._ended_tracks, source.stats())
 
+    def detach(self, sink: EventSink) -> bool:
+        """``sink``'s socket is gone: from now on events only go to the log (until `attach`). False when
+        ``sink`` is not this connection's any more (it resumed on another socket meanwhile)."""
+        if self.sink is not sink:
+            return False
+        self.sink = None
+        return True
+
+    def attach(
+        self, sink: WebSocketSink | ChannelSink, token: str, after: int, last_event_id: str | None
+    ) -> int:
+        """Continue on a new socket: ``session.resumed`` (with the new ``token``), then every logged
+        event after sequence number ``after``, then the live ones; returns how many are replayed. A socket
+        still attached (its loss not noticed yet) is closed."""
+        if self.log is None or self.resume is None:
+            raise RuntimeError("this session cannot be resumed")
+        old, self.sink = self.sink, sink
+        self.resume = ResumeInfo(token, self.resume.grace_s)
+        replayed = self.log.last_seq - after
+        preface = self.proto.resumed(self.resume, replayed, last_event_id)
+        sink.replay(preface.to_json().encode(), self.log, after + 1)
+        if old is not None:
+            _background(old.close(TAKEN_OVER, "session resumed on another connection"))
+        return replayed
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Cancel the response, close attached calls and the session, then the sink. Idempotent."""
         if self._closing is None:
@@ -376,9 +573,19 @@ class RealtimeConnection:
                 raise TypeError(f"unexpected action {out!r}")
 
     def _send(self, event: ServerEvent) -> None:
+        """Log the event (a resumable session) and send it, if a socket is attached."""
         if isinstance(event, ErrorEvent):
             self.metrics.errors.labels(event.error.code).inc()
-        self.sink.send(event)
+        if self.log is None:
+            if self.sink is not None:
+                self.sink.send(event)
+            return
+        data = event.to_json().encode()
+        self.log.append(event.event_id, data)
+        if isinstance(self.sink, WebSocketSink):
+            self.sink.send_data(data)
+        elif self.sink is not None:
+            self.sink.send(event)
 
     async def _run(self, outputs: Sequence[Output], arrival: float) -> None:
         """Actions first (as the core orders them), then the events, then what the actions caused."""
@@ -466,7 +673,7 @@ class RealtimeConnection:
             refusal: list[Output] = [error_event("conversation_already_has_active_response", failure)]
         except EngineUnavailable as exc:
             failure = str(exc) or "the engine is unavailable"
-            refusal = self.proto.engine_error(failure)
+            refusal = self.proto.engine_error(failure, retry_after_s=exc.retry_after_s)
         except Exception as exc:
             logger.exception("session %s: ask failed", self.id)
             failure = f"{type(exc).__name__}: {exc}"
@@ -628,7 +835,181 @@ class RealtimeConnection:
                 logger.exception("session %s: close failed", self.id)
             if self.on_close is not None:
                 self.on_close(self)
-            await self.sink.close(code, reason)
+            for callback in self.close_callbacks:
+                callback(self)
+            if self.sink is not None:
+                await self.sink.close(code, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions that outlive their socket
+# ---------------------------------------------------------------------------------------------
+
+
+async def read_websocket(ws: web.WebSocketResponse, conn: RealtimeConnection) -> bool:
+    """Feed the socket's messages to ``conn`` until it ends. True when the client closed it on purpose
+    (a close frame with 1000 or no code): the session then ends at once; any other end (no close
+    frame, 1001, an error, the server closing it) leaves it resumable for the grace period."""
+    while True:
+        message = await ws.receive()
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await conn.handle(message.data)
+        elif message.type == WSMsgType.CLOSE:
+            return message.data in (WSCloseCode.OK, 0)
+        elif message.type == WSMsgType.ERROR:
+            logger.info("session %s: WebSocket error %s", conn.id, ws.exception())
+            return False
+        elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return False
+
+
+class SessionResumer:
+    """Thin glue around `ResumeRegistry`: gives WebSocket sessions a token and a `ReplayLog`, turns a
+    lost socket into a grace period (a timer closes the session at its end, freeing its KV), and hands
+    a reconnect with a valid token its session on the new socket, replaying what it missed.
+
+    While detached a session goes on as if its socket were there: an answer in flight keeps streaming
+    into the log (a resume replays it; the grace period's end cancels it), WebRTC calls attached to it
+    keep feeding it video, and it keeps counting towards ``max_sessions`` and its KV reservation.
+    ``grace`` 0 turns resumption off: a lost socket closes its session at once, as a deliberate close does.
+    """
+
+    def __init__(
+        self,
+        grace: float,
+        connections: Mapping[str, RealtimeConnection],
+        metrics: ServerMetrics,
+        *,
+        replay_max_events: int = 10_000,
+        replay_max_bytes: int = 8 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = ResumeRegistry(grace)
+        self.connections = connections
+        self.metrics = metrics
+        self.replay_max_events = replay_max_events
+        self.replay_max_bytes = replay_max_bytes
+        self.clock = clock
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.registry.grace > 0
+
+    @property
+    def detached(self) -> list[str]:
+        """Sessions waiting without a socket."""
+        return [sid for sid in self.connections if self.registry.detached(sid)]
+
+    def register(self, conn: RealtimeConnection) -> None:
+        """Make a new WebSocket session resumable (before its ``start()``: the token goes in
+        ``session.created``)."""
+        if not self.enabled:
+            return
+        token = self.registry.issue(conn.id)
+        conn.resume = ResumeInfo(token, self.registry.grace)
+        conn.log = ReplayLog(self.replay_max_events, self.replay_max_bytes)
+        conn.close_callbacks.append(self._closed)
+
+    def check(self, token: str, last_event_id: str | None) -> ErrorEvent | None:
+        """What `resume` would refuse, without resuming (a WebRTC call checks before it accepts the
+        offer); None when it would resume now."""
+        found = self._find(token, last_event_id)
+        return found if isinstance(found, ErrorEvent) else None
+
+    def resume(
+        self, token: str, last_event_id: str | None, sink: WebSocketSink | ChannelSink
+    ) -> RealtimeConnection | ErrorEvent:
+        """The session ``token`` resumes, now on ``sink`` (``session.resumed`` and the replay are on
+        their way); or the error to send before closing the socket. A replay that is no longer possible
+        ends the session: nothing could make its transcript whole again."""
+        found = self._find(token, last_event_id)
+        if isinstance(found, ErrorEvent):
+            return found
+        conn, position = found
+        claimed = self.registry.claim(conn.id, self.clock())
+        assert isinstance(claimed, Claimed), "_find just found it, with no await since"
+        replayed = conn.attach(sink, claimed.token, position, last_event_id)
+        self.metrics.resumes.labels(result="resumed").inc()
+        self.metrics.replayed_events.inc(replayed)
+        logger.info("session %s resumed; %d events replayed", conn.id, replayed)
+        self._set_gauge()
+        self._arm()
+        return conn
+
+    def _find(self, token: str, last_event_id: str | None) -> tuple[RealtimeConnection, int] | ErrorEvent:
+        """The session and the sequence number a resume replays after, or the refusal (counted)."""
+        now = self.clock()
+        found = self.registry.lookup(token, now)
+        conn = None if isinstance(found, Refused) else self.connections.get(found)
+        if conn is None or conn.closed or conn.log is None:
+            self.metrics.resumes.labels(result="session_not_resumable").inc()
+            refusal = (
+                found
+                if isinstance(found, Refused)
+                else Refused("session_not_resumable", "the session has ended")
+            )
+            return error_event(refusal.code, refusal.message, param="resume")
+        position = conn.log.position(last_event_id)
+        if isinstance(position, ReplayGap):
+            self.metrics.resumes.labels(result=position.code).inc()
+            if position.code == "replay_unavailable":
+                self.registry.forget(conn.id)
+                self._set_gauge()
+                _background(conn.close())
+            return error_event(position.code, position.message, param="last_event_id")
+        return conn, position
+
+    async def disconnected(
+        self, conn: RealtimeConnection, sink: WebSocketSink | ChannelSink, *, deliberate: bool
+    ) -> None:
+        """``sink``'s socket has ended: close the session (a deliberate close, or not resumable), or
+        start its grace period."""
+        resumable = self.enabled and conn.log is not None and not conn.closed and not deliberate
+        if not conn.detach(sink):
+            pass  # resumed on another socket meanwhile: that one carries the session now
+        elif not resumable:
+            await conn.close()
+        else:
+            self.registry.detach(conn.id, self.clock())
+            logger.info("session %s lost its socket; resumable for %g s", conn.id, self.registry.grace)
+            self._set_gauge()
+            self._arm()
+        await sink.close(WSCloseCode.GOING_AWAY, "")
+
+    def close(self) -> None:
+        """Stop the grace timer (server shutdown closes every session itself)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _closed(self, conn: RealtimeConnection) -> None:
+        self.registry.forget(conn.id)
+        self._set_gauge()
+
+    def _set_gauge(self) -> None:
+        self.metrics.detached.set(len(self.detached))
+
+    def _arm(self) -> None:
+        """One timer, at the earliest grace deadline."""
+        self.close()
+        deadline = self.registry.next_deadline()
+        if deadline is not None:
+            delay = max(0.0, deadline - self.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        for session_id in self.registry.due(self.clock()):
+            conn = self.connections.get(session_id)
+            if conn is not None:
+                logger.info(
+                    "session %s was not resumed within %g s; closing it", session_id, self.registry.grace
+                )
+                self.metrics.grace_expired.inc()
+                _background(conn.close(WSCloseCode.GOING_AWAY, "grace period over"))
+        self._set_gauge()
+        self._arm()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +1020,9 @@ class RealtimeConnection:
 class Call:
     """One WebRTC peer. Attached (``owns_connection=False``) it only feeds its video to a connection
     driven elsewhere and ends with the peer or that connection; standalone it also carries the
-    connection's events over ``oai-events`` and closes the connection when it ends."""
+    connection's events over ``oai-events`` (its ``sink``) and, when it ends, closes the connection:
+    at once on a hang-up (`close`), after the grace period (``resumer``) when the peer or its channel
+    is lost, so that a new call with the resume token can take the session over."""
 
     def __init__(
         self,
@@ -649,12 +1032,16 @@ class Call:
         *,
         owns_connection: bool,
         on_close: Callable[[Call], None] | None = None,
+        sink: ChannelSink | None = None,
+        resumer: SessionResumer | None = None,
     ) -> None:
         self.id = call_id
         self.peer = peer
         self.connection = connection
         self.owns_connection = owns_connection
         self.on_close = on_close
+        self.sink = sink
+        self.resumer = resumer
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
 
@@ -671,8 +1058,15 @@ class Call:
 
     async def close(self) -> None:
         """Hang up: stop the tasks, close the peer and, for a standalone call, its session. Idempotent."""
+        await self._end(deliberate=True)
+
+    def _lost(self) -> None:
+        """The peer or its channel went away: a standalone session waits for a resume."""
+        _background(self._end(deliberate=False))
+
+    async def _end(self, *, deliberate: bool) -> None:
         if self._closing is None:
-            self._closing = asyncio.create_task(self._close(), name=f"close call {self.id}")
+            self._closing = asyncio.create_task(self._close(deliberate), name=f"close call {self.id}")
         await asyncio.shield(self._closing)
 
     async def _video(self) -> None:
@@ -692,13 +1086,13 @@ class Call:
     async def _events(self) -> None:
         async for message in self.peer.events:  # ends when the channel or the peer closes
             await self.connection.handle(json.dumps(message))
-        _background(self.close())
+        self._lost()
 
     async def _watch(self) -> None:
         await self.peer.wait_closed()
-        _background(self.close())
+        self._lost()
 
-    async def _close(self) -> None:
+    async def _close(self, deliberate: bool) -> None:
         current = asyncio.current_task()
         with contextlib.suppress(ValueError):
             self.connection.closers.remove(self.close)
@@ -709,7 +1103,9 @@ class Call:
         try:
             await self.peer.close("hang up")
         finally:
-            if self.owns_connection:
+            if self.owns_connection and self.resumer is not None and self.sink is not None:
+                await self.resumer.disconnected(self.connection, self.sink, deliberate=deliberate)
+            elif self.owns_connection:
                 await self.connection.close()
             if self.on_close is not None:
                 self.on_close(self)

@@ -451,14 +451,19 @@ def save_checkpoint(model, config: FinetuneConfig, steps: int, losses: Sequence[
     model = model.float() if config.dtype == "float32" else model
     model.eval()
     model.save_pretrained(output, safe_serialization=True)
-    for name in CHECKPOINT_FILES:
-        source = config.model / name
-        if source.exists() and source.resolve() != (output / name).resolve():
-            shutil.copy2(source, output / name)
+    copy_checkpoint_files(config.model, output)
     config_file = output / "config.json"
     saved = json.loads(config_file.read_text())
     saved[RECORD_KEY] = trained_record(config, steps, losses)
     config_file.write_text(json.dumps(saved, indent=2))
+
+
+def copy_checkpoint_files(source: Path, output: Path) -> None:
+    """The tokenizer, processor and generation files a saved model needs beside its weights."""
+    for name in CHECKPOINT_FILES:
+        path = source / name
+        if path.exists() and path.resolve() != (output / name).resolve():
+            shutil.copy2(path, output / name)
 
 
 def trained_record(config: FinetuneConfig, steps: int, losses: Sequence[float]) -> dict[str, object]:

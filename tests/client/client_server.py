@@ -62,6 +62,13 @@ class ServerThread:
     def fake(self) -> bool:
         return isinstance(self.runtime, fake_runtime.FakeRuntime)
 
+    @property
+    def server(self) -> Any:
+        """The app's `RealtimeServer` (touch it only on the server's loop: ``run``/``call``)."""
+        from runtime.server.app import SERVER
+
+        return self._runner.app[SERVER]
+
     def start(self) -> ServerThread:
         self.thread.start()
         self.call(self._start())

@@ -133,7 +133,7 @@ async def test_page_on_the_real_engine(browser: Any, runtime, real_server: str, 
         await wait_for(lambda: status() in ("completed", "incomplete"), 90, "the streamed answer")
         answer = await asyncio.to_thread(lambda: browser.find_element(By.CSS_SELECTOR, "#answer").text)
         said = scenes.mentions(answer)
-        assert said and said[0][0] == SHOWN[0], f"the page's answer must name the {SHOWN}: {answer!r}"
+        assert said and said[0] == SHOWN, f"the page's answer must name the {SHOWN}: {answer!r}"
         assert session.stats().last_response_status in ("completed", "incomplete")
     finally:
         await asyncio.to_thread(browser.save_screenshot, str(artifacts / "client_web_engine.png"))

@@ -33,6 +33,8 @@ from runtime.scheduler import (
     Configure,
     EmitDelta,
     EndResponse,
+    EngineLost,
+    EngineRestored,
     Event,
     Failure,
     FramesReady,
@@ -229,6 +231,13 @@ def failed() -> TurnScheduler:
 def closed() -> TurnScheduler:
     s = live()
     s.handle(Close())
+    return s
+
+
+def down() -> TurnScheduler:
+    """The engine died while an answer's first turn was in flight."""
+    s = in_flight()
+    s.handle(EngineLost("killed by SIGKILL"))
     return s
 
 
@@ -500,6 +509,49 @@ TRANSITIONS = [
         "failed",
     ),
     Transition("IDLE Close", live, lambda s: s.handle(Close()), A.NONE, T.CLOSED, [StopRequest]),
+    # the engine died, and came back
+    Transition(
+        "STREAMING EngineLost",
+        in_flight,
+        lambda s: s.handle(EngineLost("x")),
+        A.NONE,
+        T.DOWN,
+        [StopRequest, ResumePerception, EndResponse],
+        "failed",
+    ),
+    Transition(
+        "QUEUED EngineLost",
+        queued,
+        lambda s: s.handle(EngineLost("x")),
+        A.NONE,
+        T.DOWN,
+        [StopRequest, ResumePerception, EndResponse],
+        "failed",
+    ),
+    Transition(
+        "MEMORY EngineLost",
+        rolling_over,
+        lambda s: s.handle(EngineLost("x")),
+        A.NONE,
+        T.DOWN,
+        [StopRequest, ResumePerception, EndResponse],
+        "failed",
+    ),
+    Transition("IDLE EngineLost", live, lambda s: s.handle(EngineLost("x")), A.NONE, T.DOWN, [StopRequest]),
+    Transition(
+        "IDLE EngineLost, no request yet", idle, lambda s: s.handle(EngineLost("x")), A.NONE, T.DOWN, []
+    ),
+    Transition(
+        "DOWN FramesReady",
+        down,
+        lambda s: s.handle(FramesReady(tuple(frame(i) for i in range(1, 7)))),
+        A.NONE,
+        T.DOWN,
+        [],
+    ),
+    Transition("DOWN QuestionAsked", down, lambda s: ask(s, "r2"), A.QUEUED, T.DOWN, []),
+    Transition("DOWN EngineRestored", down, lambda s: s.handle(EngineRestored()), A.NONE, T.IDLE, []),
+    Transition("DOWN Close", down, lambda s: s.handle(Close()), A.NONE, T.CLOSED, []),
     Transition("IDLE Close, no request yet", idle, lambda s: s.handle(Close()), A.NONE, T.CLOSED, []),
 ]
 
@@ -529,6 +581,13 @@ NOT_ALLOWED: list[tuple[str, Callable[[], TurnScheduler], Callable[[TurnSchedule
     ("Cancel after Close", closed, lambda s: s.handle(Cancel())),
     ("Close after Close", closed, lambda s: s.handle(Close())),
     ("next_turn after Close", closed, lambda s: s.next_turn()),
+    ("next_turn while DOWN", down, lambda s: s.next_turn()),
+    ("TurnOutput while DOWN", down, lambda s: out(s, 1)),
+    ("Failure while DOWN", down, lambda s: s.handle(Failure("x"))),
+    ("EngineLost while DOWN", down, lambda s: s.handle(EngineLost("again"))),
+    ("EngineRestored while IDLE", live, lambda s: s.handle(EngineRestored())),
+    ("EngineRestored while IN_FLIGHT", in_flight, lambda s: s.handle(EngineRestored())),
+    ("EngineLost after Close", closed, lambda s: s.handle(EngineLost("x"))),
     ("not an event", live, lambda s: s.handle("frames")),  # type: ignore[arg-type]
 ]
 
@@ -889,6 +948,47 @@ def test_a_failure_mid_stream_fails_the_answer_and_the_session_goes_on() -> None
     assert s.request_tokens == layout.token_length(kv.pieces)
 
 
+def test_an_engine_death_loses_only_the_answer_in_flight_and_the_next_request_carries_the_session() -> None:
+    s = make(instructions=SYSTEM, max_chunks=2)
+    kv = KVCache(s)
+    s.handle(FramesReady((frame(0),)))
+    kv.next_turn()
+    kv.turn(9)
+    ask(s, max_tokens=8)
+    kv.next_turn()
+    kv.turn(11, IM_END)  # one exchange in the dialogue
+    ask(s, "r2", max_tokens=8)
+    kv.next_turn()
+    kv.turn(21, 22, 23)
+    s.handle(FramesReady((frame(1),)))
+    kv.next_turn()  # frame 1 is sent with the answer's next turn: then the engine dies
+    plans = s.handle(EngineLost("the engine core process EngineCore (pid 7) killed by SIGKILL"))
+    assert kinds(plans) == [StopRequest, ResumePerception, EndResponse]
+    assert ended(plans).status == "failed" and "SIGKILL" in (ended(plans).error or "")
+    assert s.turn_state is TurnState.DOWN and s.request_tokens == 0
+    assert (s.counters.frames_dropped_engine, s.counters.frames_dropped_failed) == (1, 0)
+    # frames keep coming while it is down: the newest turn's worth waits, the rest is counted
+    s.handle(FramesReady(tuple(frame(i) for i in range(2, 7))))
+    assert s.counters.frames_dropped_engine == 1 + 3 and s.pending_frames == 2
+    with pytest.raises(SchedulerError):
+        s.next_turn()
+    assert s.handle(EngineRestored()) == [] and s.turn_state is TurnState.IDLE
+    ask(s, "r3", "Now?", max_tokens=4)
+    chunk = kv.next_turn()
+    assert chunk.new_request == "restart"
+    # what a rollover carries: system, the window, the finished exchange (not the lost answer)
+    carried = [
+        *layout.system_turn(CHAT, SYSTEM),
+        *layout.frames_chunk(CHAT, [frame(0)]),
+        *layout.dialogue_turn(CHAT, "What?", (11,)),
+    ]
+    assert list(chunk.prefix) == carried
+    assert chunk.body == tuple(layout.question_chunk(CHAT, "Now?", frames=[frame(5), frame(6)]))
+    assert ended(kv.turn(31, IM_END)).status == "completed"
+    assert s.counters.frames_ingested == 1 + 2 and s.pending_frames == 0
+    assert s.counters.requests_started == 2 and s.counters.rollovers == 0
+
+
 # -- random interleavings -------------------------------------------------------------------------
 
 BUDGET = 160
@@ -1015,11 +1115,22 @@ class RandomSession(RuleBasedStateMachine):
         if self.s.turn_state is not TurnState.IN_FLIGHT and self.kv is not None:
             self.kv += self.received[:-1]
 
-    @precondition(lambda self: self.open)
+    @precondition(lambda self: self.open and self.s.turn_state is not TurnState.DOWN)
     @rule(now=st.integers(0, 9))
     def failure(self, now: int) -> None:
         if not now:
             self.handle(Failure("boom"))
+
+    @precondition(lambda self: self.open and self.s.turn_state is not TurnState.DOWN)
+    @rule(now=st.integers(0, 19))
+    def engine_lost(self, now: int) -> None:
+        if not now:
+            self.handle(EngineLost("killed"))
+
+    @precondition(lambda self: self.s.turn_state is TurnState.DOWN)
+    @rule()
+    def engine_restored(self) -> None:
+        self.handle(EngineRestored())
 
     @precondition(lambda self: self.open)
     @rule(schedule=st.sampled_from(["parallel", "sequential"]))
@@ -1042,9 +1153,8 @@ class RandomSession(RuleBasedStateMachine):
     def every_frame_is_counted(self) -> None:
         c = self.s.counters
         if self.open:
-            assert self.frames_fed == (
-                c.frames_ingested + c.frames_dropped_backlog + c.frames_dropped_failed + self.s.pending_frames
-            )
+            dropped = c.frames_dropped_backlog + c.frames_dropped_failed + c.frames_dropped_engine
+            assert self.frames_fed == c.frames_ingested + dropped + self.s.pending_frames
 
     @invariant()
     def requests_stay_within_the_budget(self) -> None:

@@ -36,6 +36,7 @@ class Served:
         return self.url.replace("http://", "ws://") + "/v1/realtime"
 
     async def connect(self, **kwargs: Any) -> RealtimeClient:
+        """A WebSocket client; ``params={"resume": TOKEN, ...}`` to resume a session."""
         ws = await self.http.ws_connect(self.ws_url, max_msg_size=0, **kwargs)
         return RealtimeClient(ws)
 

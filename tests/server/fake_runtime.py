@@ -32,6 +32,7 @@ from PIL import Image
 from runtime import admission
 from runtime.admission import KVCapacity
 from runtime.errors import EngineUnavailable, ResponseActive, SessionLimitReached
+from runtime.health import EngineHealth
 from runtime.runtime import RuntimeSettings
 from runtime.wire import ResponseStatus, Schedule, SessionStats
 from streams.change import ChangeFilterSettings
@@ -129,7 +130,7 @@ class FakeSession:
         if self.active is not None:
             raise ResponseActive("a response is in progress")
         if self.runtime.fail_asks:
-            raise EngineUnavailable("the fake engine is down")
+            raise EngineUnavailable("the fake engine is down", self.runtime.engine_health.retry_after_s)
         images = [rgb_pixels(image) for image in images]
         self.asked.append(Asked(text, max_tokens, images, instructions, response_id))
         shapes = ",".join(f"{im.shape[1]}x{im.shape[0]}" for im in images) or "none"
@@ -219,6 +220,8 @@ class FakeRuntime:
         self.ready = False
         self.started = False
         self.closed = False
+        self.engine_health = EngineHealth("starting")  # `lose_engine` / `restore_engine` move it
+        self.gave_up = asyncio.Event()  # `fail_engine`: what `wait_failed` waits for
         self.sessions: list[FakeSession] = []
         self.budget_tokens = budget_tokens
         self.kv_capacity: KVCapacity | None = None
@@ -234,12 +237,48 @@ class FakeRuntime:
         if self.settings.turn_tokens is None:
             self.settings = replace(self.settings, turn_tokens=self.trained_turn_tokens)
         self.ready = True
+        self.engine_health = EngineHealth("up")
+
+    def lose_engine(self, reason: str = "killed by SIGKILL", retry_after_s: int = 3) -> None:
+        """As `Runtime` when its engine dies: not ready, restarting, with the hint of when to retry."""
+        self.ready = False
+        self.engine_health = replace(
+            self.engine_health,
+            state="restarting",
+            failures=self.engine_health.failures + 1,
+            last_failure=reason,
+            retry_after_s=retry_after_s,
+        )
+
+    def fail_engine(self, reason: str = "restart attempt 3 failed: no weights") -> None:
+        """As `Runtime` when every restart failed: not ready, "failed", `wait_failed` returns."""
+        self.ready = False
+        health = self.engine_health
+        self.engine_health = replace(health, state="failed", last_failure=reason, retry_after_s=None)
+        self.gave_up.set()
+
+    async def wait_failed(self) -> str:
+        await self.gave_up.wait()
+        return self.engine_health.last_failure or "failed"
+
+    def restore_engine(self) -> None:
+        health = self.engine_health
+        self.engine_health = replace(
+            health,
+            state="up",
+            restarts=health.restarts + 1,
+            restart_attempts=health.restart_attempts + 1,
+            last_restart_s=2.5,
+            retry_after_s=None,
+        )
+        self.ready = True
 
     async def close(self) -> None:
         for session in self.sessions:
             await session.close()
         self.ready = False
         self.closed = True
+        self.engine_health = EngineHealth("stopped")
 
     async def __aenter__(self) -> FakeRuntime:
         await self.start()
@@ -257,7 +296,7 @@ class FakeRuntime:
         change_filter: ChangeFilterSettings | None = None,
     ) -> FakeSession:
         if not self.ready:
-            raise EngineUnavailable("not started")
+            raise EngineUnavailable("not started", self.engine_health.retry_after_s)
         if self.kv_capacity is not None and self.settings.admission == "kv":
             decision = admission.decide(
                 self.kv_capacity, self._reserved_blocks, len(self.open_sessions), self.budget_tokens

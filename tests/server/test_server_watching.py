@@ -30,6 +30,7 @@ async def test_websocket_answers_name_the_object_in_view(serve, runtime) -> None
     served = await serve(config=ServerConfig(own_runtime=False, stats_interval=0.2), runtime=runtime)
     client = await served.connect()
     assert (await client.recv())["type"] == "session.created"
+    shapes_right = 0
     for i, (color, shape) in enumerate(SCENES):
         await client.send(
             {
@@ -45,6 +46,8 @@ async def test_websocket_answers_name_the_object_in_view(serve, runtime) -> None
         assert done["response"]["status"] == "completed"
         said = scenes.mentions(text)
         assert len(said) == 1 and None not in said[0], f"an answer as the task taught it: {text!r}"
-        # colour is reliable; shape is only a little above chance on the shipped checkpoint
         assert said[0][0] == color, f"frame {i} shows a {color} {shape}: {text!r}"
+        shapes_right += said[0][1] == shape
     await client.close()
+    # shape: 85-90% per held-out scene on the shipped checkpoint (docs/benchmarks.md), so one miss is allowed
+    assert shapes_right >= len(SCENES) - 1, f"{shapes_right} of {len(SCENES)} shapes named right"

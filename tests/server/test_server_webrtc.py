@@ -137,12 +137,12 @@ async def test_call_without_session_is_driven_over_the_data_channel(serve) -> No
 
 
 async def test_client_vanishing_ends_a_standalone_call(serve) -> None:
-    served = await serve()
+    served = await serve(ServerConfig(stats_interval=0.2, resume_grace=0.5))
     rtc = await call(served)
     await asyncio.wait_for(rtc.events.recv(), 15)
     session = served.runtime.sessions[0]
     await eventually(lambda: session.frames, timeout=15)
-    await rtc.close()  # no DELETE: the transport just goes away
+    await rtc.close()  # no DELETE: the transport just goes away (the session waits 0.5 s for a resume)
     await eventually(lambda: session.closed and not served.server.calls, timeout=15)
     assert served.server.metrics.sessions._value.get() == 0
 

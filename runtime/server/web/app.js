@@ -1,11 +1,16 @@
 // speakwatch live camera page: the camera goes to the server as WebRTC video, questions and answers
 // travel as OpenAI Realtime events over the "oai-events" data channel of the same call.
+// The API key typed into the page stays in memory (never in localStorage): each call first mints a
+// single-use client secret with it (POST /v1/realtime/client_secrets) and opens with that secret.
+// A lost call is replaced by one that resumes the session (?resume=TOKEN&last_event_id=...): the server
+// replays what the page missed, so an answer in progress goes on; a hang-up (DELETE) ends the session.
 // No build step, no dependencies: a plain ES module.
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const SERVER = (params.get("server") || location.origin).replace(/\/+$/, "");
-const KEY_STORAGE = "speakwatch.apiKey";
+const KEY_STORAGE = "speakwatch.apiKey"; // where older pages kept the key: removed at start
+const SECRET_SECONDS = 60; // a client secret only has to last until its call is made
 const VIDEO_IDLE_MS = 8000; // the server ends a track silent for 10 s: after longer pauses, call again
 const OPEN_TIMEOUT_MS = 15000;
 const RETRY_FIRST_MS = 1000;
@@ -51,6 +56,8 @@ const conn = {
   retryDelay: RETRY_FIRST_MS,
   retryTimer: null,
   openTimer: null,
+  resume: null, // the session's resume token: a lost call is replaced by one that resumes the session
+  lastEventId: null, // the last server event received, so the server replays only what came after it
 };
 const camera = { stream: null, track: null };
 let answer = null; // the answer in progress
@@ -158,7 +165,7 @@ async function attachCamera() {
   const idle = conn.videoIdleSince === null ? 0 : performance.now() - conn.videoIdleSince;
   if (conn.state === "connected" && idle > VIDEO_IDLE_MS) {
     addMessage("system", "Camera is back: starting a new session so the server sees the video.");
-    connect();
+    newSession();
     return;
   }
   await conn.sender.replaceTrack(camera.track);
@@ -201,7 +208,7 @@ function iceGatheringComplete(pc, timeoutMs = 3000) {
 
 async function connect() {
   clearTimeout(conn.retryTimer);
-  teardown();
+  teardown(conn.resume !== null);
   const seq = ++conn.seq;
   const mine = () => seq === conn.seq;
   setStatus("connecting", "Connecting…");
@@ -230,15 +237,29 @@ async function connect() {
     await pc.setLocalDescription(await pc.createOffer());
     await iceGatheringComplete(pc);
     if (!mine()) return;
+    const minted = await mintSecret();
+    if (!mine()) return;
+    if (minted.status) {
+      refused(minted.status, minted.message);
+      return;
+    }
     const headers = { "Content-Type": "application/sdp" };
-    const key = ui.apiKey.value.trim();
-    if (key) headers.Authorization = `Bearer ${key}`;
-    const res = await fetch(`${SERVER}/v1/realtime/calls`, {
+    headers.Authorization = `Bearer ${minted.secret}`;
+    const resuming = conn.resume !== null;
+    const resume = { resume: conn.resume, ...(conn.lastEventId ? { last_event_id: conn.lastEventId } : {}) };
+    const query = resuming ? `?${new URLSearchParams(resume)}` : "";
+    const res = await fetch(`${SERVER}/v1/realtime/calls${query}`, {
       method: "POST",
       body: pc.localDescription.sdp,
       headers,
     });
     if (!mine()) return;
+    if (resuming && [400, 404, 410].includes(res.status)) {
+      // the session is gone (grace period over, server restarted) or cannot be replayed: start anew
+      addMessage("system", `The session could not be resumed (${await errorMessage(res)}); starting a new one.`);
+      newSession();
+      return;
+    }
     if (res.status !== 201) {
       refused(res.status, await errorMessage(res));
       return;
@@ -254,6 +275,24 @@ async function connect() {
   }
 }
 
+// A single-use client secret for one call, minted with the key typed above (or none: a server without
+// a key mints without one). {secret} on success, {status, message} when refused.
+async function mintSecret() {
+  const headers = { "Content-Type": "application/json" };
+  const key = ui.apiKey.value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const res = await fetch(`${SERVER}/v1/realtime/client_secrets`, {
+    method: "POST",
+    headers,
+    body: JSON.stringify({
+      expires_after: { anchor: "created_at", seconds: SECRET_SECONDS },
+      session: { type: "realtime" },
+    }),
+  });
+  if (res.status !== 200) return { status: res.status, message: await errorMessage(res) };
+  return { secret: (await res.json()).value };
+}
+
 async function errorMessage(res) {
   try {
     const body = await res.json();
@@ -265,7 +304,10 @@ async function errorMessage(res) {
 
 function refused(status, message) {
   teardown();
-  if (status === 401 || status === 403) {
+  if (status === 403) {
+    setStatus("error", "Page not allowed");
+    showBanner(`The server refuses this page: ${message}.`, "error", true);
+  } else if (status === 401) {
     setStatus("error", "API key needed");
     showBanner(`The server refused the API key: ${message}. Enter the key above.`, "error", true);
   } else if (status === 429 || status === 503 || status >= 500) {
@@ -283,10 +325,18 @@ function onOpen() {
   hideBanner();
 }
 
-// The call is gone: clean up, say so, and try again with a growing delay.
+// A new session instead of resuming the current one (the answer in progress, if any, is given up).
+function newSession() {
+  conn.resume = conn.lastEventId = null;
+  if (answer) finishAnswer("failed", "session ended");
+  connect();
+}
+
+// The call is gone: clean up, say so, and try again with a growing delay. The session waits on the
+// server for its grace period: the next call resumes it (the answer in progress goes on).
 function lost(reason) {
   if (conn.state === "gone" && conn.retryTimer) return;
-  teardown();
+  teardown(conn.resume !== null);
   setStatus("gone", "Server gone");
   const delay = conn.retryDelay;
   conn.retryDelay = Math.min(delay * 2, RETRY_MAX_MS);
@@ -299,10 +349,12 @@ function lost(reason) {
   tick();
 }
 
-function teardown() {
+// keep: the session is to be resumed, so neither end the answer nor hang up (which would close it).
+function teardown(keep = false) {
   clearTimeout(conn.openTimer);
-  if (answer) finishAnswer("failed", "connection lost");
-  const { pc, dc, callUrl } = conn;
+  if (answer && !keep) finishAnswer("failed", "connection lost");
+  const { pc, dc } = conn;
+  const callUrl = keep ? null : conn.callUrl;
   Object.assign(conn, { pc: null, dc: null, sender: null, callUrl: null });
   conn.seq++;
   try {
@@ -333,14 +385,15 @@ ui.retry.addEventListener("click", () => {
   connect();
 });
 
-ui.apiKey.value = localStorage.getItem(KEY_STORAGE) || "";
+// The key lives in the input field only (this page's memory): an older page's stored copy goes.
+try {
+  localStorage.removeItem(KEY_STORAGE);
+  sessionStorage.removeItem(KEY_STORAGE);
+} catch {
+  // storage disabled: nothing was stored either
+}
 $("key-form").addEventListener("submit", (event) => event.preventDefault());
-ui.apiKey.addEventListener("change", () => {
-  const key = ui.apiKey.value.trim();
-  if (key) localStorage.setItem(KEY_STORAGE, key);
-  else localStorage.removeItem(KEY_STORAGE);
-  connect();
-});
+ui.apiKey.addEventListener("change", () => newSession());
 
 window.addEventListener("pagehide", () => {
   if (conn.callUrl) hangUp(conn.callUrl);
@@ -352,13 +405,17 @@ window.addEventListener("pagehide", () => {
 function ask(text) {
   const itemId = newEventId();
   const createId = newEventId();
-  const sent = sendEvent({
-    type: "conversation.item.create",
-    event_id: itemId,
-    item: { type: "message", role: "user", content: [{ type: "input_text", text }] },
-  });
+  const events = [
+    {
+      type: "conversation.item.create",
+      event_id: itemId,
+      item: { type: "message", role: "user", content: [{ type: "input_text", text }] },
+    },
+    { type: "response.create", event_id: createId, response: {} },
+  ];
+  const sent = sendEvent(events[0]);
   if (!sent) return false;
-  sendEvent({ type: "response.create", event_id: createId, response: {} });
+  sendEvent(events[1]);
   addMessage("user", text);
   document.getElementById("answer")?.removeAttribute("id");
   const el = addMessage("model", "");
@@ -381,6 +438,8 @@ function ask(text) {
     lastAt: null,
     deltas: 0,
     cancelling: false,
+    cancelEvent: null,
+    events, // sent again if a resume shows the server never got them (with the cancel, if any)
     error: null,
   };
   updateButtons();
@@ -392,6 +451,7 @@ function cancelAnswer() {
   answer.cancelling = true;
   const event = { type: "response.cancel", event_id: newEventId() };
   if (answer.id) event.response_id = answer.id;
+  answer.cancelEvent = event;
   sendEvent(event);
   updateButtons();
 }
@@ -445,9 +505,17 @@ function onMessage(data) {
   } catch {
     return;
   }
+  if (event.event_id && event.type !== "session.resumed") conn.lastEventId = event.event_id;
   switch (event.type) {
     case "session.created":
       ui.sessionId.textContent = event.session?.id || "";
+      conn.resume = event.session?.resume?.token || null;
+      break;
+    case "session.resumed":
+      ui.sessionId.textContent = event.session?.id || "";
+      conn.resume = event.session?.resume?.token || null;
+      if (event.replayed) addMessage("system", `Reconnected: ${event.replayed} missed events replayed.`);
+      resendLost(event.last_client_event_id);
       break;
     case "response.created":
       if (answer && !answer.id) answer.id = event.response?.id || null;
@@ -471,6 +539,16 @@ function onMessage(data) {
     default:
       break;
   }
+}
+
+// After a resume: the events of the answer in progress that the server never got go again (the data
+// channel is ordered, so the server's last client event tells which).
+function resendLost(lastClientEventId) {
+  if (!answer) return;
+  const lost = [...answer.events, answer.cancelEvent].filter(Boolean);
+  const got = lost.findIndex((event) => event.event_id === lastClientEventId);
+  // not one of them: the server got none (it is an earlier event's id, or none)
+  lost.slice(got + 1).forEach(sendEvent);
 }
 
 function onDelta(delta) {
