@@ -56,6 +56,8 @@ from progress import log, take_lock  # noqa: E402  (benchmarks/ is on sys.path w
 from client import remote  # noqa: E402
 from streams import pattern  # noqa: E402
 
+DTYPE = "float32"  # both servers: the faster dtype on these CPUs (and ours' default here), so neither
+# side pays bfloat16's slower decode (docs/benchmarks.md, "Engine CPU")
 QUESTIONS = [
     "What is happening in the video right now?",
     "Describe the scene in one sentence.",
@@ -97,7 +99,7 @@ class Camera:
 
     def url(self, k: int) -> str:
         if k not in self._cache:
-            rgb = pattern.encode(k, self.width, self.height).astype(np.int16)
+            rgb = pattern.encode(self.scene(k), self.width, self.height).astype(np.int16)
             noise = np.random.default_rng(k).integers(-12, 13, size=rgb.shape, dtype=np.int16)
             buf = io.BytesIO()
             Image.fromarray(np.clip(rgb + noise, 0, 255).astype(np.uint8)).save(
@@ -108,6 +110,10 @@ class Camera:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[k]
 
+    def scene(self, k: int) -> int:
+        """What frame ``k`` shows: the counter pattern for k (a scene that changes in every frame)."""
+        return k
+
     def latest(self, now: float | None = None) -> int:
         """Index of the newest frame the camera has produced at ``now``."""
         now = time.monotonic() if now is None else now
@@ -115,6 +121,14 @@ class Camera:
 
     def due(self, k: int) -> float:
         return self.t0 + k / self.fps
+
+
+class StaticCamera(Camera):
+    """A camera on a scene that never moves: every frame shows the same pattern, with fresh sensor
+    noise (so no two frames' bytes are equal, as with a real camera)."""
+
+    def scene(self, k: int) -> int:
+        return 0
 
 
 # -- server processes and their memory --------------------------------------------------------------
@@ -373,17 +387,26 @@ async def push_frames(session: remote.RemoteSession, camera: Camera, stop: async
 
 
 async def ours_point(
-    server: Server, camera: Camera, interval: float, questions: int, max_tokens: int, video: bool = True
+    server: Server,
+    camera: Camera,
+    interval: float,
+    questions: int,
+    max_tokens: int,
+    video: bool = True,
+    *,
+    change_filter: bool = True,
 ) -> Point:
     rows: list[Row] = []
-    t0, cpu0 = time.monotonic(), tree_cpu(server.proc)
     url = f"ws://127.0.0.1:{server.port}/v1/realtime"
     async with remote.connect(url, open_timeout=60) as session:
+        if not change_filter:
+            await session.update(change_filter={"enabled": False})
+        t0, cpu0 = time.monotonic(), tree_cpu(server.proc)
         stop = asyncio.Event()
         pusher = asyncio.create_task(push_frames(session, camera, stop)) if video else None
         async for i, at in schedule(camera, interval, questions):
             late = time.monotonic() - at
-            before = session.stats()
+            before = session.stats().to_dict()
             sent = time.monotonic()
             response = session.ask(QUESTIONS[i % len(QUESTIONS)], max_tokens=max_tokens)
             first: float | None = None
@@ -413,12 +436,12 @@ async def ours_point(
                 },
             )
             rows.append(row)
-            log(f"  ours{'' if video else ' (no video)'} iv={interval:g}s q{i}: {fmt_row(row)}")
+            log(f"  ours{_variant(camera, video, change_filter)} iv={interval:g}s q{i}: {fmt_row(row)}")
         stop.set()
         if pusher is not None:
             await pusher
         await asyncio.sleep(1.2)  # one more input_video.stats
-        stats = session.stats()
+        stats = session.stats().to_dict()
     t1 = time.monotonic()
     # the server's own TTFT of the last answer (from ask() in the session to its first token)
     extra = {
@@ -429,11 +452,31 @@ async def ours_point(
         "frame_lag_p95_ms": stats.get("frame_lag_p95_ms"),
         "session_tokens": stats.get("session_tokens"),
         "rollovers": stats.get("rollovers"),
-        "server_ttft_ms_last": stats.get("server_ttft_ms"),
+        "server_ttft_ms_last": stats.get("ttft_ms"),
+        "frames_dropped_by_reason": stats.get("frames_dropped_by_reason"),
         "video": video,
+        "camera": "static" if isinstance(camera, StaticCamera) else "moving",
+        "change_filter": change_filter,
     }
     rss_max, rss_last = server.rss_between(t0, t1)
     return Point("ours", interval, -1, rows, rss_max, rss_last, tree_cpu(server.proc) - cpu0, t1 - t0, extra)
+
+
+def _variant(camera: Camera, video: bool, change_filter: bool) -> str:
+    """How a point of ours differs from the plain one (a moving camera, the filter on)."""
+    if not video:
+        return " (no video)"
+    scene = " (static camera" if isinstance(camera, StaticCamera) else " (moving camera"
+    return scene + (", filter on)" if change_filter else ", filter off)")
+
+
+def point_label(point: Point) -> str:
+    e = point.extra
+    if not e.get("video", True):
+        return "ours (no video)"
+    if e.get("camera") == "moving" and e.get("change_filter", True):
+        return "ours"
+    return f"ours ({e.get('camera')} camera, filter {'on' if e.get('change_filter') else 'off'})"
 
 
 def fmt_row(row: Row) -> str:
@@ -454,7 +497,7 @@ async def run_stateless(
     cmd = [
         sys.executable, "-c", VLLM_CLI, "serve", str(model), "--port", str(args.port),
         "--host", "127.0.0.1", "--served-model-name", "tiny", "--max-model-len", "8192",
-        "--dtype", "float32", "--enforce-eager", "--disable-log-stats",
+        "--dtype", DTYPE, "--enforce-eager", "--disable-log-stats",
         "--limit-mm-per-prompt", json.dumps({"image": limit, "video": 0}),
     ]  # fmt: skip
     server = Server("vllm-serve", cmd, args.port, logdir)
@@ -495,6 +538,7 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
         str(ROOT / ".venv/bin/speakwatch"), "serve", "--port", str(args.port + 1),
         "--arch", "qwen2-vl", "--positions", "group-decoupled",  # the checkpoint vllm serve gets
         "--max-model-len", str(args.ours_max_model_len), "--kv-cache-gb", "1",
+        "--dtype", DTYPE,  # the same as vllm serve's: both sides decode at the same cost
     ]  # fmt: skip
     server = Server("speakwatch", cmd, args.port + 1, logdir)
     out: dict[str, Any] = {"points": []}
@@ -511,7 +555,7 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
                 await session.send_event(event)
             for _ in range(60):
                 await asyncio.sleep(0.5)
-                s = session.stats()
+                s = session.stats().to_dict()
                 if (s.get("frames_ingested") or 0) >= 4 and not s.get("frames_pending"):
                     break
             out["tokens_per_frame"] = (s.get("session_tokens") or 0) / max(1, s.get("frames_ingested") or 1)
@@ -521,6 +565,18 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
         for interval in args.intervals:
             log(f"ours: interval {interval:g} s, {args.questions} questions + warm-up, fresh session")
             out["points"].append(await ours_point(server, camera, interval, args.questions, args.max_tokens))
+        static = StaticCamera(args.fps, args.width, args.height)
+        static.start()
+        for interval in args.intervals:
+            for change_filter in (True, False):
+                log(
+                    f"ours: static camera, filter {'on' if change_filter else 'off'}, interval {interval:g} s"
+                )
+                out["points"].append(
+                    await ours_point(
+                        server, static, interval, args.questions, args.max_tokens, change_filter=change_filter
+                    )
+                )
         if not args.quick:
             log("ours without video (questions only): isolates the cost of ingesting frames meanwhile")
             iv = args.intervals[0]
@@ -571,14 +627,14 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
     print("| side | interval s | N | q | late s | TTFT ms | total ms | prefill tok | out tok | RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for point in [*stateless["points"], *ours["points"]]:
-        side = point.side if point.extra.get("video", True) else "ours (no video)"
+        side = point.side if point.side != "ours" else point_label(point)
         for r in point.rows:
             n = "-" if r.n < 0 else r.n
             print(
                 f"| {side} | {r.interval:g} | {n} | {r.index} | {r.late_s:.2f} | {num(r.ttft_ms)} | "
                 f"{r.total_ms:.0f} | {r.prefill_tokens} | {r.output_tokens} | {r.rss / 2**20:.0f} |"
             )
-    ours_by_iv = {p.interval: p for p in ours["points"] if p.extra.get("video", True)}
+    ours_by_iv = {p.interval: p for p in ours["points"] if point_label(p) == "ours"}
     print("\n## Ours: session state per point")
     print(
         "| interval s | frames in | ingested | dropped | frame lag p50/p95 ms | session tokens | rollovers "
@@ -587,9 +643,9 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
     print("|---|---|---|---|---|---|---|---|---|")
     for p in ours["points"]:
         e = p.extra
-        label = f"{p.interval:g}" + ("" if e.get("video") else " (no video)")
+        name = f"{p.interval:g} {point_label(p)}"
         print(
-            f"| {label} | {e.get('frames_received')} | {e.get('frames_ingested')} | "
+            f"| {name} | {e.get('frames_received')} | {e.get('frames_ingested')} | "
             f"{e.get('frames_dropped')} | {num(e.get('frame_lag_p50_ms'))}/"
             f"{num(e.get('frame_lag_p95_ms'))} | {e.get('session_tokens')} | {e.get('rollovers')} | "
             f"{p.cpu_s:.1f} | {p.rss_max / 2**20:.0f} |"
@@ -651,6 +707,30 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
         f"1-min load average (ready, end): stateless {s0:.1f}, {s1:.1f}; ours {o0:.1f}, {o1:.1f} "
         "(2 cores; above 2 means other jobs competed for the CPUs)"
     )
+    print("\n## CPU per minute: our server on a static and on a moving camera vs the stateless server")
+    print(
+        "| interval s | ours: camera, filter | CPU s/min ours | frames in / dropped unchanged | "
+        "CPU s/min stateless, N = " + ", ".join(str(n) for n in args.ns) + " | target |"
+    )
+    print("|---|---|---|---|---|---|")
+    for op in ours["points"]:
+        if not op.extra.get("video", True):
+            continue
+        same_rate = sorted((p for p in stateless["points"] if p.interval == op.interval), key=lambda p: p.n)
+        stateless_cpu = [p.cpu_s / p.seconds * 60 for p in same_rate]
+        ours_cpu = op.cpu_s / op.seconds * 60
+        e = op.extra
+        unchanged = (e.get("frames_dropped_by_reason") or {}).get("unchanged", 0)
+        verdict = "-"
+        if e.get("camera") == "static" and e.get("change_filter") and stateless_cpu:
+            verdict = "met" if ours_cpu <= min(stateless_cpu) else "MISSED"
+            verdict += " (<= the cheapest stateless point)"
+        print(
+            f"| {op.interval:g} | {e.get('camera')}, {'on' if e.get('change_filter') else 'off'} | "
+            f"{ours_cpu:.1f} | {e.get('frames_ingested')} / {unchanged} | "
+            + ", ".join(f"{c:.1f}" for c in stateless_cpu)
+            + f" | {verdict} |"
+        )
     at8 = [line for line in summary if line["n"] == 8]
     for line in at8:
         a, b = line["ttft_ours"], line["ttft_stateless"]
@@ -658,6 +738,13 @@ def report(args: argparse.Namespace, stateless: dict[str, Any], ours: dict[str, 
         verdict = "met" if r is not None and r <= 0.5 else "MISSED"
         where = f"interval {line['interval']:g} s"
         print(f"target TTFT ratio <= 0.5 at N=8, {where}: {num(r, '.2f')} -> {verdict}")
+        t = (
+            line["total_ours"] / line["total_stateless"]
+            if line["total_ours"] and line["total_stateless"]
+            else None
+        )
+        verdict = "met" if t is not None and t <= 1.0 else "MISSED"
+        print(f"target total-latency ratio <= 1.0 at N=8, {where}: {num(t, '.2f')} -> {verdict}")
     return {"summary": summary}
 
 
@@ -671,14 +758,14 @@ def plot(
 
     outdir.mkdir(parents=True, exist_ok=True)
     paths = []
-    ours_by_iv = {p.interval: p for p in ours["points"] if p.extra.get("video", True)}
+    ours_by_iv = {p.interval: p for p in ours["points"] if point_label(p) == "ours"}
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for metric, label, name in (
         ("ttft_ms", "median TTFT (ms)", "ttft"),
         ("prefill_tokens", "prefill tokens per question", "prefill"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        every = [*stateless["points"], *ours["points"]]
+        every = [*stateless["points"], *ours_by_iv.values()]
         medians = [med([getattr(r, metric) for r in measured(p)]) for p in every]
         top = 2.2 * max([m for m in medians if m is not None] or [1.0])  # outliers are drawn at the top
         for c, interval in zip(colours, args.intervals, strict=False):
@@ -722,7 +809,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: N in {1, 8}, one interval, 2 questions")
     ap.add_argument("--ns", default="0,1,4,8", help="frames re-sent per question (stateless side)")
     ap.add_argument("--intervals", default="5,10", help="seconds between questions")
-    ap.add_argument("--questions", type=int, default=5, help="measured questions per point (+1 warm-up)")
+    ap.add_argument("--questions", type=int, default=10, help="measured questions per point (+1 warm-up)")
     ap.add_argument("--fps", type=float, default=2.0, help="camera frame rate")
     ap.add_argument("--size", default="640x480", help="camera frame size WxH")
     ap.add_argument("--max-tokens", type=int, default=16, help="answer length cap (greedy)")

@@ -154,6 +154,9 @@ def _image_part(image: Any) -> str | np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+CLOSE_TIMEOUT_S = 2.0  # a close handshake the server does not answer by then is cut (Ctrl-C exits promptly)
+
+
 class RemoteResponse:
     """One answer: ``async for delta in response``; ``id``, ``status``, ``usage`` are set by the end.
 
@@ -695,6 +698,7 @@ class _Connector:
                 max_size=opts["max_message_size"],
                 compression=None,  # JPEG frames do not compress; text events are small
                 ping_interval=opts["ping_interval"],
+                close_timeout=CLOSE_TIMEOUT_S,
                 user_agent_header="speakwatch-client",
             )
         except InvalidStatus as exc:

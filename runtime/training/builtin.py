@@ -40,7 +40,7 @@ RECIPE = {
     "warmup": 0.03,
     "per_device_batch": 16,
     "effective_batch": 16,
-    "max_steps": 600,
+    "max_steps": 1200,
     "train_vision": False,
     "vision_lr_scale": 0.1,  # the merger, already trained in stage one, moves slowly
     "seed": 0,

@@ -50,7 +50,9 @@ def synthetic_sample(rng: np.random.Generator, *, fps: float = FPS, change_p: fl
                     show(0.5)
                 phrases.append(Phrase(times[-1], f"{obj.phrase()}."))
             exchanges.append(Exchange(asked, scenes.COMMENTARY, tuple(phrases), complete=False))
-            break  # a commentary is cut off: nothing follows it
+            if rng.random() < 0.5:  # a commentary is cut off; half the time a question follows it, as
+                break  # a user asks one once the commentary stops (max_tokens or a cancel)
+            continue
         question = str(rng.choice(scenes.QUESTIONS))
         exchanges.append(Exchange(asked, question, (Phrase(asked, scenes.answer(question, obj)),)))
     system = SYSTEM_PROMPTS[int(rng.integers(len(SYSTEM_PROMPTS)))]

@@ -49,5 +49,5 @@ async def test_websocket_answers_name_the_object_in_view(serve, runtime) -> None
         assert said[0][0] == color, f"frame {i} shows a {color} {shape}: {text!r}"
         shapes_right += said[0][1] == shape
     await client.close()
-    # shape: 85-90% per held-out scene on the shipped checkpoint (docs/benchmarks.md), so one miss is allowed
+    # shape: 96-100% per held-out scene on the shipped checkpoint (docs/benchmarks.md), so one miss is allowed
     assert shapes_right >= len(SCENES) - 1, f"{shapes_right} of {len(SCENES)} shapes named right"

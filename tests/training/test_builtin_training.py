@@ -2,7 +2,7 @@
 
 Both stages of `runtime.training.builtin` from the same generated base checkpoint and seeds as the
 shipped model: stage one in full (1000 steps of labelled frames, ~5-7 min here), then 150 of stage
-two's 600 streaming fine-tune steps. The result must name the colour and the shape of held-out
+two's 1200 streaming fine-tune steps. The result must name the colour and the shape of held-out
 scenes well above chance (8 colours: 1/8; 3 shapes: 1/3).
 """
 
