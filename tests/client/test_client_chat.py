@@ -20,6 +20,12 @@ from runtime.server.app import SERVER
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def _interactive_signals() -> None:
+    """Ctrl-C as a terminal's shell gives it: a test run in the background (no job control, e.g. `make`
+    from a background job) inherits SIGINT ignored, and the child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PtyProcess:
     """A child process on a pty: what it prints is read back, what we type goes to its terminal."""
 
@@ -27,7 +33,14 @@ class PtyProcess:
         self.master, slave = pty.openpty()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, start_new_session=True
+            args,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_interactive_signals,
         )
         os.close(slave)
         self.output = ""
