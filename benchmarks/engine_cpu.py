@@ -15,7 +15,7 @@ Variants: ``mp`` (vLLM's multiprocess executor: engine core + worker, the old de
 (``distributed_executor_backend="uni"``, now the default on CPU: the model runs in the engine-core
 process, no queue between them, one OpenMP thread per core but one), ``uni-all-threads`` (the same
 with torch's own pool, every core), ``default`` (whatever runtime/engine.py chooses: dtype and
-executor), ``bf16`` (the default executor in bfloat16, the old default dtype on these CPUs).
+executor), ``bf16`` / ``f32`` (the default executor in bfloat16 / float32: which dtype decodes faster here).
 Ratios are against the first variant.
 
     python benchmarks/engine_cpu.py [--variants mp,uni] [--dtype float32] [--seconds 20] [--json out.json]
@@ -50,7 +50,8 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "uni": ({}, {"executor": "uni"}),
     "uni-all-threads": ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}, {"executor": "uni"}),
     "default": ({}, {}),
-    "bf16": ({}, {"dtype": "bfloat16"}),  # the default executor with the old default dtype (auto = bf16 here)
+    "bf16": ({}, {"dtype": "bfloat16"}),  # the default executor in bfloat16 (default where native)
+    "f32": ({}, {"dtype": "float32"}),  # the default executor in float32 (default elsewhere)
 }
 
 

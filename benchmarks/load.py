@@ -25,15 +25,20 @@ sessions drain: pushed = received = ingested + dropped, nothing pending), and se
 minute (this process plus the engine's child processes, psutil). Ratios are against N = 1, with the
 issue's targets at the largest N: tokens/s >= 4x and TTFT p95 <= 3x.
 
-A session that `Runtime.open_session` refuses (admission by KV capacity, `SessionLimitReached`) is
-recorded as refused and the phase goes on with the admitted ones. With ``--busy`` (on by default) a
-last phase repeats the largest N with session 0 flooding the engine (a 30 fps camera, commentary
-after commentary at the runtime's longest answer) so the other sessions' numbers can be compared
+The engine's KV cache is sized for exactly ``--capacity`` sessions' budgets (default: the largest N),
+so admission by KV (`Runtime.open_session`, `SessionLimitReached`) is exercised: a phase ``N full``
+repeats the largest N while one more session tries to open every ``--knock-s`` s. Each attempt must
+be refused at once (how long the refusal took is reported) and the admitted sessions' numbers are
+compared with the plain phase at the same N: does a refused session slow anyone down? With
+``--busy`` (on by default) a last phase repeats the largest N with session 0 flooding the engine
+(a 30 fps camera, commentary after commentary at the runtime's longest answer), again compared
 with the plain phase: does one busy session starve the rest?
 
     .venv/bin/python benchmarks/load.py                    # N = 1, 2, 4, 8 for 60 s each, then busy
     .venv/bin/python benchmarks/load.py --quick            # N = 1, 2 for 12 s each, then busy (smoke)
     .venv/bin/python benchmarks/load.py --seconds 90 --json /tmp/load.json
+    .venv/bin/python benchmarks/load.py --ns 1,8 --back-to-back --no-busy   # decode batching
+    .venv/bin/python benchmarks/load.py --ns 8 --executor mp --dtype float32 # the old engine settings
 
 Progress goes to stderr; the tables to stdout. It holds ``flock /tmp/speakwatch-engine.lock`` for the
 run (``--lock ''`` when already wrapped in flock).
@@ -43,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import logging
 import os
@@ -52,7 +56,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,8 +64,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.progress import CpuClock, log, take_lock  # noqa: E402
-from runtime import errors  # noqa: E402
+from runtime.errors import SessionLimitReached  # noqa: E402
 from runtime.training import scenes  # noqa: E402
+
+if TYPE_CHECKING:
+    from runtime import Response, Runtime, Session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,11 +77,8 @@ SEED = 13  # session i's clip and phases come from default_rng([SEED, i]): the s
 HEIGHT, WIDTH = 240, 320
 ASKED = (*scenes.QUESTIONS, scenes.COMMENTARY)  # session i starts at ASKED[i % 4], then cycles
 BUSY_FPS = 30.0  # the busy session's camera (the rate cap keeps 2 fps of it)
+CPU_BLOCK_SIZE = 128  # vLLM's KV block on CPU (the engine's own figure is checked after start)
 DRAIN_S = 30.0  # after the window: longest wait for answers to end and frames to settle
-# what open_session raises when admission refuses a session (absent before admission exists)
-REFUSALS: tuple[type[BaseException], ...] = tuple(
-    cls for cls in (getattr(errors, "SessionLimitReached", None),) if isinstance(cls, type)
-)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -151,8 +155,11 @@ class Phase:
     label: str
     n: int
     busy: bool
+    knocking: bool = False  # one more session tried to open every --knock-s s during the window
     seconds: float = 0.0
     refused: list[str] = field(default_factory=list)
+    refusal_ms: list[float] = field(default_factory=list)  # how long each refused open_session took
+    admitted_past_capacity: int = 0  # knocks that were let in (closed at once): admission failed
     sessions: list[SessionResult] = field(default_factory=list)
     own_cpu_s: float = 0.0
     engine_cpu_s: float = 0.0
@@ -179,14 +186,14 @@ class Phase:
 class SessionLoad:
     """Drives one session: its camera and its questioner, both on the one event loop."""
 
-    def __init__(self, index: int, session: Any, clips: Clips, args: argparse.Namespace, busy: bool):
+    def __init__(self, index: int, session: Session, clips: Clips, args: argparse.Namespace, busy: bool):
         self.index, self.session, self.clips, self.args, self.busy = index, session, clips, args, busy
         rng = np.random.default_rng([SEED, index, 1])
         self.fps = BUSY_FPS if busy else args.fps
         self.frame_phase = float(rng.uniform(0.0, 1.0 / self.fps))
         self.ask_phase = 0.0 if busy else float(rng.uniform(0.0, args.interval))
         self.result = SessionResult(index, busy)
-        self.responses: list[Any] = []
+        self.responses: list[Response] = []
 
     async def camera(self, t0: float, t_end: float) -> None:
         """Push frame k at t0 + phase + k / fps with stream time k / fps, until the window ends."""
@@ -214,6 +221,8 @@ class SessionLoad:
         while True:
             if self.busy:
                 due, question, max_tokens = time.monotonic(), scenes.COMMENTARY, self.args.busy_max_tokens
+            elif self.args.back_to_back:  # the engine's decode capacity, not the offered load
+                due, question, max_tokens = time.monotonic(), scenes.COMMENTARY, self.args.max_tokens
             else:
                 due = t0 + self.ask_phase + j * self.args.interval
                 question = ASKED[(self.index + j) % len(ASKED)]
@@ -259,31 +268,49 @@ class SessionLoad:
         r.dropped_by_reason = dict(st.frames_dropped_by_reason)
         r.pending = st.frames_pending
         r.lag_p50_ms, r.lag_p95_ms = st.frame_lag_p50_ms, st.frame_lag_p95_ms
-        counters = getattr(self.session, "counters", None)  # the raw lags, for the phase's overall p95
-        r.lags_ms = [float(x) for x in getattr(counters, "lags_ms", ())]
+        r.lags_ms = [float(x) for x in self.session.counters.lags_ms]  # for the phase's overall p95
         r.rollovers, r.max_request_tokens = st.rollovers, st.max_request_tokens
 
 
-async def open_one(rt: Any) -> tuple[Any | None, str | None]:
-    """A new session, or (None, why) when admission refuses it."""
+def open_one(rt: Runtime) -> tuple[Session | None, str | None, float]:
+    """A new session, or (None, why) when admission refuses it; and how long opening took, ms."""
+    started = time.perf_counter()
     try:
         session = rt.open_session()
-        if inspect.isawaitable(session):  # should opening become a coroutine (admission may wait)
-            session = await session
-    except REFUSALS as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    return session, None
+    except SessionLimitReached as exc:
+        return None, f"{type(exc).__name__}: {exc}", (time.perf_counter() - started) * 1000
+    return session, None, (time.perf_counter() - started) * 1000
 
 
-async def run_phase(rt: Any, clips: Clips, args: argparse.Namespace, n: int, busy: bool) -> Phase:
-    label = f"{n}" + (" busy" if busy else "")
-    phase = Phase(label, n, busy)
+async def knock(rt: Runtime, phase: Phase, t0: float, t_end: float, every_s: float) -> None:
+    """Past capacity: one more session tries to open every ``every_s`` s; each should be refused."""
+    k = 0
+    while (due := t0 + every_s / 2 + k * every_s) < t_end:
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        session, why, took_ms = open_one(rt)
+        if session is None:
+            phase.refused.append(why or "refused")
+            phase.refusal_ms.append(took_ms)
+        else:
+            phase.admitted_past_capacity += 1
+            log(f"N={phase.label}: a session past capacity was admitted")
+            await session.close()
+        k += 1
+
+
+async def run_phase(
+    rt: Runtime, clips: Clips, args: argparse.Namespace, n: int, busy: bool, knocking: bool = False
+) -> Phase:
+    label = f"{n}" + (" busy" if busy else " full" if knocking else "")
+    phase = Phase(label, n, busy, knocking)
+    log(f"phase N={label}: {args.seconds:.0f} s")
     clips.ensure(n, int(args.seconds * args.fps) + 2)
     loads: list[SessionLoad] = []
     for i in range(n):
-        session, why = await open_one(rt)
+        session, why, took_ms = open_one(rt)
         if session is None:
             phase.refused.append(why or "refused")
+            phase.refusal_ms.append(took_ms)
             log(f"N={label}: session {i} refused: {why}")
             continue
         loads.append(SessionLoad(i, session, clips, args, busy=busy and i == 0))
@@ -297,6 +324,8 @@ async def run_phase(rt: Any, clips: Clips, args: argparse.Namespace, n: int, bus
     tasks = [asyncio.create_task(load.camera(t0, t_end)) for load in loads]
     askers = [asyncio.create_task(load.questioner(t0, t_end)) for load in loads]
     tasks += askers
+    if knocking:
+        tasks.append(asyncio.create_task(knock(rt, phase, t0, t_end, args.knock_s)))
 
     async def progress() -> None:
         last = clock.sample()
@@ -360,10 +389,10 @@ def summary_line(p: Phase) -> str:
     )
 
 
-async def warm_up(rt: Any, clips: Clips) -> None:
+async def warm_up(rt: Runtime, clips: Clips) -> None:
     """First-use costs (kernels, processor caches, the first request) out of the first phase."""
     clips.ensure(1, 8)
-    session, why = await open_one(rt)
+    session, why, _ = open_one(rt)
     if session is None:
         raise RuntimeError(f"the warm-up session was refused: {why}")
     try:
@@ -384,10 +413,12 @@ def drops_text(by_reason: dict[str, int]) -> str:
 
 
 def report(phases: list[Phase], args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    chosen = "the runtime defaults" if args.dtype is None and args.executor is None else "as given"
+    asking = "commentary back to back" if args.back_to_back else f"a question every {args.interval:g} s"
     lines = [
-        f"load: the built-in model, runtime defaults (dtype {meta['dtype']}, executor "
-        f"{meta['executor']}, max_fps {meta['max_fps']}, change filter {meta['change_filter']}); "
-        f"{args.fps:g} fps {WIDTH}x{HEIGHT} moving scene and a question every {args.interval:g} s "
+        f"load: the built-in model; dtype {meta['dtype']}, executor {meta['executor']} ({chosen}); "
+        f"max_fps {meta['max_fps']}, change filter {meta['change_filter']}; "
+        f"{args.fps:g} fps {WIDTH}x{HEIGHT} moving scene and {asking} "
         f"(max_tokens {args.max_tokens}) per session; {args.seconds:g} s per N; embedded SDK",
         "",
     ]
@@ -428,7 +459,7 @@ def report(phases: list[Phase], args: argparse.Namespace, meta: dict[str, Any]) 
         "the drain); CPU: this process + the engine's child processes, per minute of window; late q:",
         "questions asked > 0.5 s after their time; push p95: how late a camera push was, ms.",
     ]
-    plain = [p for p in phases if not p.busy and p.sessions]
+    plain = [p for p in phases if not p.busy and not p.knocking and p.sessions]
     base = next((p for p in plain if p.n == 1), None)
     if base is not None and len(plain) > 1:
         lines += ["", "ratios against N = 1:"]
@@ -455,17 +486,30 @@ def report(phases: list[Phase], args: argparse.Namespace, meta: dict[str, Any]) 
         )
     every = all(s.accounted for p in phases for s in p.sessions)
     lines.append(f"every frame accounted for in every phase: {'yes' if every else 'NO'}")
+    lines.append(f"KV capacity: {meta['capacity']}")
     refused = [(p.label, r) for p in phases for r in p.refused]
     if refused:
         lines.append(f"refused sessions: {len(refused)}; first: N={refused[0][0]}: {refused[0][1]}")
     else:
-        lines.append(f"refused sessions: none (refusal caught: {meta['refusal']})")
+        lines.append("refused sessions: none")
     for p in phases:
-        if p.n == max(q.n for q in phases) and p.sessions:
+        if p.n == max(q.n for q in phases) and p.sessions and not p.knocking:
             lines += ["", f"per session, N={p.label}:", per_session_head()]
             lines += [per_session_row(s, p.seconds) for s in p.sessions]
+    full = next((p for p in phases if p.knocking and p.sessions), None)
+    same = next((p for p in plain if full is not None and p.n == full.n), None)
+    if full is not None and same is not None:
+        took = full.refusal_ms
+        lines += [
+            "",
+            f"past capacity: N={full.n} admitted, one more session tried every {args.knock_s:g} s: "
+            f"{len(full.refused)} refused (open_session took p50 {fmt(pct(took, 50), '.2f')} ms, "
+            f"max {fmt(max(took, default=None), '.2f')} ms), "
+            f"{full.admitted_past_capacity} let in past capacity",
+            "  the admitted sessions, plain phase -> the phase with refusals:",
+        ]
+        lines += compare(same, same.sessions, full, full.sessions)
     busy = next((p for p in phases if p.busy and p.sessions), None)
-    same = next((p for p in plain if busy is not None and p.n == busy.n), None)
     if busy is not None and same is not None:
         others = [s for s in same.sessions if s.index != 0]
         calm = busy.calm()
@@ -474,18 +518,7 @@ def report(phases: list[Phase], args: argparse.Namespace, meta: dict[str, Any]) 
             f"fairness: sessions 1..{busy.n - 1} at N={busy.n}, plain phase -> the phase where session 0"
             " floods:",
         ]
-        for name, attr, spec in (
-            ("TTFT p50 ms", ("ttft_ms", 50), ".0f"),
-            ("TTFT p95 ms", ("ttft_ms", 95), ".0f"),
-            ("lag p95 ms", ("lags_ms", 95), ".0f"),
-            ("decode tok/s p50", ("decode_tps", 50), ".1f"),
-        ):
-            a = pct(same.all(attr[0], others), attr[1])
-            b = pct(busy.all(attr[0], calm), attr[1])
-            lines.append(f"  {name:<17} {fmt(a, spec):>7} -> {fmt(b, spec):>7}  x{fmt(ratio(b, a), '.2f')}")
-        a_in = sum(s.ingested_in_window for s in others) / same.seconds / max(1, len(others))
-        b_in = sum(s.ingested_in_window for s in calm) / busy.seconds / max(1, len(calm))
-        lines.append(f"  {'frames in /s/sess':<17} {a_in:7.2f} -> {b_in:7.2f}")
+        lines += compare(same, others, busy, calm)
         flood = next(s for s in busy.sessions if s.busy)
         lines.append(
             f"  session 0 (busy): {flood.tokens_in_window / busy.seconds:.1f} tok/s, "
@@ -499,6 +532,26 @@ def report(phases: list[Phase], args: argparse.Namespace, meta: dict[str, Any]) 
         + f"; engine start {meta['engine_start_s']:.0f} s; total {meta['total_s']:.0f} s"
     )
     return "\n".join(lines)
+
+
+def compare(
+    a: Phase, a_sessions: list[SessionResult], b: Phase, b_sessions: list[SessionResult]
+) -> list[str]:
+    """The same sessions' latency and frame rate in phase ``a`` against phase ``b``."""
+    lines = []
+    for name, attr, q, spec in (
+        ("TTFT p50 ms", "ttft_ms", 50, ".0f"),
+        ("TTFT p95 ms", "ttft_ms", 95, ".0f"),
+        ("lag p95 ms", "lags_ms", 95, ".0f"),
+        ("decode tok/s p50", "decode_tps", 50, ".1f"),
+    ):
+        before, after = pct(a.all(attr, a_sessions), q), pct(b.all(attr, b_sessions), q)
+        change = fmt(ratio(after, before), ".2f")
+        lines.append(f"  {name:<17} {fmt(before, spec):>7} -> {fmt(after, spec):>7}  x{change}")
+    a_in = sum(s.ingested_in_window for s in a_sessions) / a.seconds / max(1, len(a_sessions))
+    b_in = sum(s.ingested_in_window for s in b_sessions) / b.seconds / max(1, len(b_sessions))
+    lines.append(f"  {'frames in /s/sess':<17} {a_in:7.2f} -> {b_in:7.2f}")
+    return lines
 
 
 def per_session_head() -> str:
@@ -525,11 +578,18 @@ async def main(args: argparse.Namespace) -> int:
     begun = time.monotonic()
     load_before = os.getloadavg()[0]
     from runtime import Runtime
+    from runtime.admission import sessions_that_fit
 
-    rt = Runtime()  # the built-in watching model, every default
+    options: dict[str, Any] = {"dtype": args.dtype, "executor": args.executor}  # None: the runtime's choice
+    options.update(sized_engine(args.capacity, args.dtype))
+    rt = Runtime(engine_options=options)  # the built-in model, every other default
     log("starting the engine (about a minute on CPU)")
     await rt.start()
     engine_start_s = time.monotonic() - begun
+    capacity = rt.kv_capacity
+    fit = None if capacity is None else sessions_that_fit(capacity, rt.budget_tokens)
+    if args.capacity and fit != args.capacity:
+        log(f"the engine's cache holds {fit} sessions, not the {args.capacity} it was sized for")
     executor = rt.options.executor
     if executor is None:  # what engine_args chose for this machine
         from runtime.engine import choose_executor, engine_device
@@ -543,7 +603,10 @@ async def main(args: argparse.Namespace) -> int:
         "executor": executor,
         "max_fps": rt.settings.max_fps,
         "change_filter": "on" if rt.settings.change_filter.enabled else "off",
-        "refusal": ", ".join(cls.__name__ for cls in REFUSALS) or "none defined yet",
+        "capacity": "unknown"
+        if capacity is None
+        else f"{capacity.tokens} tokens ({capacity.blocks} blocks of {capacity.block_size}), "
+        f"{fit} sessions of {rt.budget_tokens} budget tokens fit",
         "budget_tokens": rt.budget_tokens,
         "max_model_len": rt.options.max_model_len,
     }
@@ -552,10 +615,13 @@ async def main(args: argparse.Namespace) -> int:
     phases: list[Phase] = []
     try:
         await warm_up(rt, clips)
-        plan = [(n, False) for n in args.ns] + ([(max(args.ns), True)] if args.busy else [])
-        for n, busy in plan:
-            log(f"phase N={n}{' busy' if busy else ''}: {args.seconds:.0f} s")
-            phases.append(await run_phase(rt, clips, args, n, busy))
+        top = max(args.ns)
+        plan = [(n, False, False) for n in args.ns]
+        plan += [(top, False, True)] if args.capacity == top else []
+        plan += [(top, True, False)] if args.busy else []
+        for n, busy, knocking in plan:
+            phase = await run_phase(rt, clips, args, n, busy, knocking)
+            phases.append(phase)
     finally:
         await rt.close()
     meta["total_s"] = time.monotonic() - begun
@@ -565,6 +631,23 @@ async def main(args: argparse.Namespace) -> int:
         log(f"wrote {args.json}")
     print(report(phases, args, meta), flush=True)
     return 0
+
+
+def sized_engine(sessions: int, dtype: str | None) -> dict[str, float]:
+    """Engine options whose KV cache holds exactly ``sessions`` sessions' budgets in ``dtype`` (None:
+    the runtime's choice) or, for 0, none (the default cache, which holds many more): admission by
+    KV then refuses the next session."""
+    if sessions < 1:
+        return {}
+    from runtime import Runtime
+    from runtime.admission import NULL_BLOCKS, session_blocks
+    from runtime.engine import choose_dtype, cpu_flags, engine_device, kv_bytes_per_token
+    from runtime.training.builtin import watching_model
+
+    budget = Runtime().budget_tokens  # the default settings' budget (nothing is started)
+    dtype = dtype or choose_dtype(engine_device(), cpu_flags())[0]
+    blocks = sessions * session_blocks(budget, CPU_BLOCK_SIZE) + NULL_BLOCKS
+    return {"kv_cache_gb": blocks * CPU_BLOCK_SIZE * kv_bytes_per_token(watching_model(), dtype) / 2**30}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -579,6 +662,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=32, help="answer cap (the commentary reaches it)")
     parser.add_argument("--busy-max-tokens", type=int, default=256, help="the busy session's answer cap")
     parser.add_argument("--no-busy", dest="busy", action="store_false", help="skip the busy-session phase")
+    parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="every session asks for commentary after commentary (--max-tokens each) instead of a question "
+        "every --interval s: aggregate tokens/s then measures how vLLM batches the sessions' decoding",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="size the KV cache for this many sessions (default: the largest N; 0: vLLM's default cache); "
+        "at the largest N a phase then tries one session past it every --knock-s s",
+    )
+    parser.add_argument("--knock-s", type=float, default=5.0, help="seconds between attempts past capacity")
+    parser.add_argument("--dtype", default=None, help="engine dtype (default: the runtime's choice here)")
+    parser.add_argument(
+        "--executor", default=None, help='vLLM executor backend, e.g. "mp" (default: the runtime\'s choice)'
+    )
     parser.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--pause-s", type=float, default=3.0, help="idle seconds between phases")
     parser.add_argument("--json", default="", help="also write the raw numbers here")
@@ -590,6 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ns = sorted({int(x) for x in str(args.ns).split(",")})
     if not args.ns or min(args.ns) < 1:
         parser.error("--ns needs positive session counts")
+    if args.capacity is None:
+        args.capacity = max(args.ns)
     return args
 
 

@@ -56,8 +56,6 @@ from progress import log, take_lock  # noqa: E402  (benchmarks/ is on sys.path w
 from client import remote  # noqa: E402
 from streams import pattern  # noqa: E402
 
-DTYPE = "float32"  # both servers: the faster dtype on these CPUs (and ours' default here), so neither
-# side pays bfloat16's slower decode (docs/benchmarks.md, "Engine CPU")
 QUESTIONS = [
     "What is happening in the video right now?",
     "Describe the scene in one sentence.",
@@ -497,7 +495,7 @@ async def run_stateless(
     cmd = [
         sys.executable, "-c", VLLM_CLI, "serve", str(model), "--port", str(args.port),
         "--host", "127.0.0.1", "--served-model-name", "tiny", "--max-model-len", "8192",
-        "--dtype", DTYPE, "--enforce-eager", "--disable-log-stats",
+        "--dtype", args.dtype, "--enforce-eager", "--disable-log-stats",
         "--limit-mm-per-prompt", json.dumps({"image": limit, "video": 0}),
     ]  # fmt: skip
     server = Server("vllm-serve", cmd, args.port, logdir)
@@ -538,7 +536,7 @@ async def run_ours(args: argparse.Namespace, camera: Camera, logdir: Path) -> di
         str(ROOT / ".venv/bin/speakwatch"), "serve", "--port", str(args.port + 1),
         "--arch", "qwen2-vl", "--positions", "group-decoupled",  # the checkpoint vllm serve gets
         "--max-model-len", str(args.ours_max_model_len), "--kv-cache-gb", "1",
-        "--dtype", DTYPE,  # the same as vllm serve's: both sides decode at the same cost
+        "--dtype", args.dtype,  # the same as vllm serve's
     ]  # fmt: skip
     server = Server("speakwatch", cmd, args.port + 1, logdir)
     out: dict[str, Any] = {"points": []}
@@ -810,6 +808,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ns", default="0,1,4,8", help="frames re-sent per question (stateless side)")
     ap.add_argument("--intervals", default="5,10", help="seconds between questions")
     ap.add_argument("--questions", type=int, default=10, help="measured questions per point (+1 warm-up)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="both servers' dtype (default: what our runtime picks here, runtime.engine.choose_dtype)",
+    )
     ap.add_argument("--fps", type=float, default=2.0, help="camera frame rate")
     ap.add_argument("--size", default="640x480", help="camera frame size WxH")
     ap.add_argument("--max-tokens", type=int, default=16, help="answer length cap (greedy)")
@@ -833,6 +836,11 @@ async def amain(args: argparse.Namespace) -> int:
     from runtime.tiny_model import default_tiny_model
 
     model = default_tiny_model("qwen2-vl")
+    if args.dtype is None:  # both servers in our default for this machine: neither decodes slower
+        from runtime.engine import choose_dtype, cpu_flags, engine_device
+
+        args.dtype, why = choose_dtype(engine_device(), cpu_flags())
+        log(f"dtype {args.dtype} on both servers ({why})")
     camera = Camera(args.fps, args.width, args.height)
     logdir = Path(tempfile.mkdtemp(prefix="versus_stateless."))
     log(f"model {model}; camera {camera_desc(args)}; N {args.ns}; intervals {args.intervals}")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from runtime import engine
-from runtime.engine import EngineOptions, choose_dtype, cpu_flags, resolve_dtype
+from runtime.engine import EngineOptions, choose_dtype, cpu_flags, kv_bytes_per_token, resolve_dtype
 
 AVX2 = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # these machines (AMD EPYC, KVM)
 SAPPHIRE_RAPIDS = AVX2 | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
@@ -127,3 +128,16 @@ def test_serve_passes_an_explicit_dtype_only(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("SPEAKWATCH_DTYPE", "float32")
     options = cli.runtime_kwargs(cli.build_parser().parse_args(["serve"]))["engine_options"]
     assert options["dtype"] == "float32"
+
+
+def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer_and_kv_head(tmp_path: Path) -> None:
+    text = {"num_hidden_layers": 3, "hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {**text, "torch_dtype": "bfloat16"}}))
+    assert kv_bytes_per_token(tmp_path, "float32") == 2 * 3 * 2 * 32 * 4  # K and V, layers, heads, head_dim
+    assert kv_bytes_per_token(tmp_path, "bfloat16") == 2 * 3 * 2 * 32 * 2
+    assert kv_bytes_per_token(tmp_path, "auto") == 2 * 3 * 2 * 32 * 2  # the checkpoint's own dtype
+    flat = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 32}
+    (tmp_path / "config.json").write_text(json.dumps(flat))  # no text_config, no KV heads: one per head
+    assert kv_bytes_per_token(tmp_path, "auto") == 2 * 2 * 4 * 32 * 4
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        kv_bytes_per_token(tmp_path, "int8")

@@ -256,6 +256,8 @@ class Transition:
 
 
 A, T = AnswerState, TurnState
+# what a turn that fails with an answer in it plans, and the answer's status
+ENDS_FAILED = ([StopRequest, ResumePerception, EndResponse], "failed")
 TRANSITIONS = [
     Transition("NONE QuestionAsked", live, ask, A.QUEUED, T.IDLE, []),
     Transition(
@@ -393,8 +395,7 @@ TRANSITIONS = [
         lambda s: s.handle(Failure("x")),
         A.NONE,
         T.IDLE,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "QUEUED Failure",
@@ -402,8 +403,7 @@ TRANSITIONS = [
         lambda s: s.handle(Failure("x")),
         A.NONE,
         T.IDLE,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "STREAMING Failure",
@@ -411,8 +411,7 @@ TRANSITIONS = [
         lambda s: s.handle(Failure("x")),
         A.NONE,
         T.IDLE,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "STREAMING Close",
@@ -480,8 +479,7 @@ TRANSITIONS = [
         lambda s: s.handle(MemoryRead(None)),
         A.NONE,
         T.IDLE,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "IN_FLIGHT TurnOutput, the turn goes on",
@@ -505,8 +503,7 @@ TRANSITIONS = [
         lambda s: s.handle(Failure("x")),
         A.NONE,
         T.IDLE,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition("IDLE Close", live, lambda s: s.handle(Close()), A.NONE, T.CLOSED, [StopRequest]),
     # the engine died, and came back
@@ -516,8 +513,7 @@ TRANSITIONS = [
         lambda s: s.handle(EngineLost("x")),
         A.NONE,
         T.DOWN,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "QUEUED EngineLost",
@@ -525,8 +521,7 @@ TRANSITIONS = [
         lambda s: s.handle(EngineLost("x")),
         A.NONE,
         T.DOWN,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition(
         "MEMORY EngineLost",
@@ -534,8 +529,7 @@ TRANSITIONS = [
         lambda s: s.handle(EngineLost("x")),
         A.NONE,
         T.DOWN,
-        [StopRequest, ResumePerception, EndResponse],
-        "failed",
+        *ENDS_FAILED,
     ),
     Transition("IDLE EngineLost", live, lambda s: s.handle(EngineLost("x")), A.NONE, T.DOWN, [StopRequest]),
     Transition(

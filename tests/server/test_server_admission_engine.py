@@ -9,8 +9,6 @@ model) and sessions a 768-token budget (3/4 of max_model_len 1024), so each rese
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -19,6 +17,7 @@ from test_server_engine import show
 
 from runtime import ChangeFilterSettings, Runtime
 from runtime.admission import session_blocks, sessions_that_fit
+from runtime.engine import kv_bytes_per_token
 from runtime.errors import SessionLimitReached
 from runtime.memory import MemoryConfig
 from runtime.server.app import ServerConfig
@@ -34,11 +33,7 @@ BLOCK_SIZE = 128  # vLLM's CPU block
 
 def kv_cache_gb(model: str | None) -> float:
     """GiB of KV for `BLOCKS` blocks of this checkpoint's float32 keys and values."""
-    config = json.loads((Path(model or watching_model()) / "config.json").read_text())
-    text = config.get("text_config") or config
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 4
-    return BLOCKS * BLOCK_SIZE * per_token / 2**30
+    return BLOCKS * BLOCK_SIZE * kv_bytes_per_token(model or watching_model(), "float32") / 2**30
 
 
 @pytest.fixture(scope="module")
