@@ -641,13 +641,13 @@ def sized_engine(sessions: int, dtype: str | None) -> dict[str, float]:
         return {}
     from runtime import Runtime
     from runtime.admission import NULL_BLOCKS, session_blocks
-    from runtime.engine import choose_dtype, cpu_flags, engine_device, kv_bytes_per_token
+    from runtime.engine import kv_bytes_per_token, resolve_dtype
     from runtime.training.builtin import watching_model
 
     budget = Runtime().budget_tokens  # the default settings' budget (nothing is started)
-    dtype = dtype or choose_dtype(engine_device(), cpu_flags())[0]
     blocks = sessions * session_blocks(budget, CPU_BLOCK_SIZE) + NULL_BLOCKS
-    return {"kv_cache_gb": blocks * CPU_BLOCK_SIZE * kv_bytes_per_token(watching_model(), dtype) / 2**30}
+    per_token = kv_bytes_per_token(watching_model(), resolve_dtype(dtype))
+    return {"kv_cache_gb": blocks * CPU_BLOCK_SIZE * per_token / 2**30}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -259,9 +259,6 @@ def configure_process_environment(kv_cache_gb: float) -> None:
         log.warning("VLLM_CPU_KVCACHE_SPACE=%s GiB overrides kv_cache_gb=%s (CPU build)", space, kv_cache_gb)
 
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def kv_bytes_per_token(model: str | os.PathLike, dtype: str) -> int:
     """Bytes of keys and values one token takes in the KV cache of the checkpoint at ``model``
     (every language layer, every KV head) in ``dtype`` ("auto": the checkpoint's): what sizes a
@@ -270,11 +267,11 @@ def kv_bytes_per_token(model: str | os.PathLike, dtype: str) -> int:
     text = config.get("text_config") or config
     if dtype == "auto":  # vLLM's "auto": the checkpoint's own dtype
         dtype = str(text.get("torch_dtype") or config.get("torch_dtype") or "float32")
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_BITS)}, got {dtype!r}")
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     heads = text.get("num_key_value_heads") or text["num_attention_heads"]
-    return 2 * text["num_hidden_layers"] * heads * head_dim * DTYPE_BYTES[dtype]
+    return 2 * text["num_hidden_layers"] * heads * head_dim * DTYPE_BITS[dtype] // 8
 
 
 def kv_capacity(engine: AsyncLLM) -> KVCapacity | None:
