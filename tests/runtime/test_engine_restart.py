@@ -396,6 +396,9 @@ async def test_an_open_session_survives_the_engine_dying_mid_answer(runtime_on) 
     await settle(lambda: rt.ready)
     second = factory.current
     assert second is not first and rt.engine is second and rt.engine_health.restarts == 1
+    # the frames that waited for the engine go in first, and their turn samples a token too: script
+    # the answer once that turn is over, or the frame turn may take the answer's first token
+    await settle(lambda: session.stats().frames_pending == 0 and not session.scheduler.awaiting_output)
     second.answer = [21, IM_END]
     assert await session.ask("Now?", max_tokens=8).read() == "t21 t2 "
     (first_chunk, *_) = [chunk for rid, chunk in second.chunks]
